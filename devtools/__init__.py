@@ -1,0 +1,1 @@
+"""Development-only helpers (test host, training, benchmarks). Not loaded by ComfyUI."""
