@@ -1,0 +1,262 @@
+"""Pure-torch core of the attention router: sites, layer selection, per-run state, controllers.
+
+The ComfyUI glue (discovering sites, installing patches, the run wrapper) is in `router.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SUPPORTED_FAMILIES = "SD1.x, SD2.x and SDXL (UNet models with SpatialTransformer attention)"
+
+
+class AttentionControlError(ValueError):
+    """A configuration error the user can fix; the message names the input and the fix."""
+
+
+class UnsupportedModelError(AttentionControlError):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# sites
+
+@dataclass(frozen=True)
+class Site:
+    """One attention call site: an attn1 (self) or attn2 (cross) of one transformer block."""
+    kind: str                  # "self" or "cross"
+    block: tuple               # ComfyUI block, e.g. ("input", 7), ("middle", 0), ("output", 3)
+    index: int                 # transformer block index inside that SpatialTransformer
+    order: int                 # global order of the transformer block in the forward pass
+    part: str                  # "down", "mid" or "up"
+    ds: int                    # spatial downscale factor relative to the latent
+    heads: int
+    dim_head: int
+
+    @property
+    def key(self) -> tuple:
+        return (self.block[0], self.block[1], self.index)
+
+    @property
+    def attn(self) -> str:
+        return "attn1" if self.kind == "self" else "attn2"
+
+    def label(self, latent_hw=None) -> str:
+        res = f"1/{self.ds}" if latent_hw is None else f"{latent_hw[0] // self.ds}x{latent_hw[1] // self.ds}"
+        return f"{self.part} {self.block[0]}{self.block[1]}.{self.index} {self.kind} {res}"
+
+
+# --------------------------------------------------------------------------------------------
+# layer selection
+
+@dataclass(frozen=True)
+class LayerSelector:
+    """Which layers a controller acts on: parts (down/mid/up), map sides at the sampled size, and
+    downscale factors. Empty sets mean "any". Text form: comma-separated `all`, `down`, `mid`,
+    `up`, integers (attention-map side at the sampled latent size, e.g. 16 for SD1.5's 16x16 layers
+    at 512 px) or `1/N` (downscale factor relative to the latent)."""
+    parts: frozenset = frozenset()
+    sides: frozenset = frozenset()
+    ds: frozenset = frozenset()
+    text: str = "all"
+
+    @classmethod
+    def parse(cls, text: str, input_name: str = "layers") -> "LayerSelector":
+        parts, sides, ds = set(), set(), set()
+        for term in (text or "all").replace(";", ",").split(","):
+            t = term.strip().lower()
+            if not t or t == "all":
+                continue
+            if t in ("down", "input"):
+                parts.add("down")
+            elif t in ("mid", "middle"):
+                parts.add("mid")
+            elif t in ("up", "output"):
+                parts.add("up")
+            elif t.isdigit():
+                sides.add(int(t))
+            elif t.startswith("1/") and t[2:].isdigit():
+                ds.add(int(t[2:]))
+            else:
+                raise AttentionControlError(
+                    f"{input_name}: '{term.strip()}' is not a layer term; use all, down, mid, up, a map side "
+                    "such as 16, or a downscale factor such as 1/4 (comma-separated)")
+        return cls(frozenset(parts), frozenset(sides), frozenset(ds), text or "all")
+
+    def static_match(self, site: Site) -> bool:
+        return (not self.parts or site.part in self.parts) and (not self.ds or site.ds in self.ds)
+
+    def match(self, site: Site, latent_hw) -> bool:
+        if not self.static_match(site):
+            return False
+        if self.sides:
+            h, w = latent_hw[0] // site.ds, latent_hw[1] // site.ds
+            return h in self.sides or w in self.sides
+        return True
+
+
+def describe_sites(sites, kind: str | None = None, latent_hw=None) -> str:
+    seen = []
+    for s in sites:
+        if kind and s.kind != kind:
+            continue
+        res = f"1/{s.ds}" if latent_hw is None else f"{latent_hw[0] // s.ds}"
+        lab = f"{s.part}@{res}"
+        if lab not in seen:
+            seen.append(lab)
+    return ", ".join(seen)
+
+
+def select_sites(sites, selector: LayerSelector, kind: str, latent_hw=None, input_name="layers") -> list[Site]:
+    """Sites of `kind` chosen by `selector`; an empty choice is an error naming what exists."""
+    if latent_hw is None:
+        chosen = [s for s in sites if s.kind == kind and selector.static_match(s)]
+    else:
+        chosen = [s for s in sites if s.kind == kind and selector.match(s, latent_hw)]
+    if not chosen:
+        where = "" if latent_hw is None else f" at a {latent_hw[0]}x{latent_hw[1]} latent"
+        raise AttentionControlError(
+            f"{input_name}: '{selector.text}' selects no {kind}-attention layer{where}. "
+            f"This model has: {describe_sites(sites, kind, latent_hw)} (part@map side).")
+    return chosen
+
+
+# --------------------------------------------------------------------------------------------
+# per-run state and per-call view
+
+class Run:
+    """State of one sampling run; created at OUTER_SAMPLE, dropped when it returns."""
+
+    def __init__(self, router: "Router", latent_shape, sample_sigmas: torch.Tensor, conds=None):
+        self.router = router
+        self.latent_shape = tuple(latent_shape)
+        self.latent_hw = tuple(latent_shape[-2:])
+        self.batch = int(latent_shape[0])
+        self.sigmas = [float(s) for s in sample_sigmas.flatten().cpu()]
+        self.n_steps = max(len(self.sigmas) - 1, 1)
+        self.conds = conds or {}
+        self.fired: dict = {}          # (kind, key) -> number of routed calls
+        self.scratch: dict = {}        # controller id -> per-run data
+        self.stacks: dict = {}         # (kind, key) -> controllers acting at this run's size
+        self._sig_obj = None
+        self._sig_step = (0, 0.0)
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def data(self, controller) -> dict:
+        return self.scratch.setdefault(id(controller), {})
+
+    def step_of(self, sigmas) -> tuple[int, float]:
+        """(step index, sigma) of a model call: the schedule interval that contains its sigma, so
+        samplers that evaluate between schedule points (heun, dpmpp_sde, ...) map to their step."""
+        if sigmas is self._sig_obj:
+            return self._sig_step
+        sig = float(sigmas.flatten()[0]) if torch.is_tensor(sigmas) else float(sigmas)
+        n_ge = sum(1 for s in self.sigmas[:-1] if s >= sig * (1 - 1e-5) - 1e-8)
+        step = min(max(n_ge - 1, 0), self.n_steps - 1)
+        self._sig_obj, self._sig_step = sigmas, (step, sig)
+        return self._sig_step
+
+
+class Call:
+    """What a controller knows about one attention call."""
+    __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch")
+
+    def __init__(self, site: Site, run: Run, extra: dict, n_rows: int):
+        self.site = site
+        self.run = run
+        self.extra = extra
+        self.step, self.sigma = run.step_of(extra.get("sigmas"))
+        shp = extra.get("activations_shape")
+        if shp is not None:
+            self.h, self.w = int(shp[-2]), int(shp[-1])
+        else:
+            self.h, self.w = run.latent_hw[0] // site.ds, run.latent_hw[1] // site.ds
+        self.cond_or_uncond = list(extra.get("cond_or_uncond", [0]))
+        self.batch = n_rows // max(len(self.cond_or_uncond), 1)
+
+    def chunk(self, j: int) -> slice:
+        """Rows of the j-th chunk of the batch (one chunk per entry of cond_or_uncond)."""
+        return slice(j * self.batch, (j + 1) * self.batch)
+
+    def cond_chunks(self) -> list[int]:
+        return [j for j, c in enumerate(self.cond_or_uncond) if c == 0]
+
+    def uncond_chunks(self) -> list[int]:
+        return [j for j, c in enumerate(self.cond_or_uncond) if c == 1]
+
+    def cond_rows(self) -> torch.Tensor:
+        idx = [r for j in self.cond_chunks() for r in range(j * self.batch, (j + 1) * self.batch)]
+        return torch.tensor(idx, dtype=torch.long)
+
+
+# --------------------------------------------------------------------------------------------
+# controllers
+
+class Controller:
+    """Base class of everything that acts on attention calls.
+
+    Subclasses set `kinds` ({"self"}, {"cross"} or both) and `selector`, and override `attend`.
+    `begin_run` validates against the run (latent size, conditioning) before the first step and
+    raises AttentionControlError on a bad configuration; `end_run` publishes results.
+    """
+    kinds: frozenset = frozenset({"cross"})
+    selector: LayerSelector = LayerSelector()
+    name = "controller"
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def validate_sites(self, sites) -> None:
+        for kind in self.kinds:
+            select_sites(sites, self.selector, kind, input_name=f"{self.name} layers")
+
+    def wants(self, site: Site) -> bool:
+        """Static choice (install time): a superset of the sites acted on in any run."""
+        return site.kind in self.kinds and self.selector.static_match(site)
+
+    def wants_at(self, site: Site, latent_hw) -> bool:
+        """Choice for one run, once the latent size is known (map sides)."""
+        return site.kind in self.kinds and self.selector.match(site, latent_hw)
+
+    def begin_run(self, run: Run) -> None:
+        for kind in self.kinds:
+            select_sites(run.router.sites, self.selector, kind, run.latent_hw, input_name=f"{self.name} layers")
+
+    def end_run(self, run: Run, ok: bool) -> None:
+        pass
+
+    def attend(self, q, k, v, call: Call, nxt):
+        return nxt(q, k, v)
+
+
+class Router:
+    """An immutable stack of controllers over the sites of one model."""
+
+    def __init__(self, sites: tuple, controllers: tuple = ()):
+        self.sites = sites
+        self.controllers = tuple(controllers)
+        self._stacks = {(s.kind, s.key): tuple(c for c in self.controllers if c.wants(s)) for s in sites}
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def stack(self, site: Site) -> tuple:
+        return self._stacks.get((site.kind, site.key), ())
+
+    def wanted_sites(self) -> list[Site]:
+        return [s for s in self.sites if self._stacks[(s.kind, s.key)]]
+
+    def begin_run(self, run: Run) -> None:
+        for c in self.controllers:
+            c.begin_run(run)
+        run.stacks = {key: tuple(c for c in st if c.wants_at(site, run.latent_hw))
+                      for site in self.sites for key, st in [((site.kind, site.key), self.stack(site))]}
+
+    def end_run(self, run: Run, ok: bool) -> None:
+        for c in self.controllers:
+            c.end_run(run, ok)
+
+

@@ -1,0 +1,189 @@
+"""The attention router: the ONE module of the pack that touches ComfyUI's patch plumbing.
+
+One `Router` per patched model. It installs `attn1` / `attn2` replace patches on the attention
+blocks the model actually has (discovered from the module tree, never hard-coded) and hands each
+call to an ordered stack of controllers (middleware: the controller added last is outermost and
+receives a `nxt(q, k, v)` callable that runs the rest of the stack and finally the default).
+
+The default is ComfyUI's own `optimized_attention`, or, where another pack / ComfyUI node had
+already installed a replace patch at that key, that patch (composed, never overwritten).
+
+State:
+- the Router sits in `model_options["transformer_options"][ROUTER_KEY]`; `__deepcopy__` returns
+  self, so `ModelPatcher.clone()` shares it instead of silently duplicating it. Adding a controller
+  builds a *new* Router on the clone, so upstream branches of a graph keep their own stack.
+- per-run state (`Run`) is created by an OUTER_SAMPLE wrapper when sampling starts, placed in the
+  per-run copy of transformer_options (so every attention call sees it through extra_options), and
+  dropped when sampling ends, even on error. Nothing global, nothing leaks into the next run.
+"""
+from __future__ import annotations
+
+import logging
+import comfy.ldm.modules.attention as comfy_attention
+import comfy.patcher_extension as comfy_ext
+
+ROUTER_KEY = "attention_control_router"
+RUN_KEY = "attention_control_run"
+WRAPPER_KEY = "attention_control"
+
+from .core import (SUPPORTED_FAMILIES, AttentionControlError, Call, Controller, Router, Run, Site,
+                   UnsupportedModelError)
+
+log = logging.getLogger("attention_control")
+
+__all__ = ["attach", "get_router", "discover_sites", "AttentionControlError", "UnsupportedModelError",
+           "Controller", "ROUTER_KEY", "RUN_KEY"]
+
+
+def _is_spatial_transformer(m) -> bool:
+    return hasattr(m, "transformer_blocks") and hasattr(m, "proj_in")
+
+
+def model_family(model_patcher) -> str:
+    cfg = getattr(model_patcher.model, "model_config", None)
+    return type(cfg).__name__ if cfg is not None else type(model_patcher.model).__name__
+
+
+def discover_sites(model_patcher) -> tuple[Site, ...]:
+    """All attention sites of a UNet model, in forward order, with their downscale factor."""
+    dm = getattr(model_patcher.model, "diffusion_model", None)
+    if dm is None or not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        raise UnsupportedModelError(
+            f"model: {model_family(model_patcher)} is not supported yet. Attention Control supports "
+            f"{SUPPORTED_FAMILIES}; connect a model of one of those families.")
+    sites: list[Site] = []
+    order = 0
+    ds = 1
+
+    def add(block, st, part, ds):
+        nonlocal order
+        for j, tb in enumerate(st.transformer_blocks):
+            for kind, attn in (("self", tb.attn1), ("cross", getattr(tb, "attn2", None))):
+                if attn is None:
+                    continue
+                sites.append(Site(kind, block, j, order, part, ds, attn.heads, attn.dim_head))
+            order += 1
+
+    for i, blk in enumerate(dm.input_blocks):
+        for layer in blk:
+            if _is_spatial_transformer(layer):
+                add(("input", i), layer, "down", ds)
+        if any(type(layer).__name__ == "Downsample" for layer in blk):
+            ds *= 2
+    for layer in dm.middle_block:
+        if _is_spatial_transformer(layer):
+            add(("middle", 0), layer, "mid", ds)
+    for i, blk in enumerate(dm.output_blocks):
+        for layer in blk:
+            if _is_spatial_transformer(layer):
+                add(("output", i), layer, "up", ds)
+        if any(type(layer).__name__ == "Upsample" for layer in blk):
+            ds //= 2
+    if not sites:
+        raise UnsupportedModelError(
+            f"model: {model_family(model_patcher)} has no cross-attention transformer blocks; "
+            f"Attention Control supports {SUPPORTED_FAMILIES}.")
+    return tuple(sites)
+
+
+def default_attention(q, k, v, extra: dict, inner=None):
+    """What the block would have computed without us: a pre-existing patch, or ComfyUI's own."""
+    if inner is not None:
+        return inner(q, k, v, extra)
+    return comfy_attention.optimized_attention(
+        q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"), transformer_options=extra)
+
+
+class RouterPatch:
+    """The callable installed in patches_replace; stateless apart from its site and inner patch."""
+
+    def __init__(self, site: Site, inner=None):
+        self.site = site
+        self.inner = inner
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __call__(self, q, k, v, extra_options):
+        router = extra_options.get(ROUTER_KEY)
+        run = extra_options.get(RUN_KEY)
+        inner = self.inner
+        if router is None or run is None:
+            return default_attention(q, k, v, extra_options, inner)
+        stack = run.stacks.get((self.site.kind, self.site.key))
+        if not stack:
+            return default_attention(q, k, v, extra_options, inner)
+        key = (self.site.kind, self.site.key)
+        run.fired[key] = run.fired.get(key, 0) + 1
+        call = Call(self.site, run, extra_options, q.shape[0])
+
+        def run_from(i):
+            if i < 0:
+                return lambda q_, k_, v_: default_attention(q_, k_, v_, extra_options, inner)
+            ctrl = stack[i]
+            below = run_from(i - 1)
+            return lambda q_, k_, v_: ctrl.attend(q_, k_, v_, call, below)
+
+        return run_from(len(stack) - 1)(q, k, v)
+
+
+# --------------------------------------------------------------------------------------------
+# installation and run lifecycle
+
+def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    guider = executor.class_obj
+    to = guider.model_options.setdefault("transformer_options", {})
+    router = to.get(ROUTER_KEY)
+    if router is None:
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+    run = Run(router, noise.shape, sigmas, getattr(guider, "conds", None))
+    router.begin_run(run)            # validation errors surface here, before the first step
+    to[RUN_KEY] = run
+    ok = False
+    try:
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        ok = True
+        return out
+    finally:
+        to.pop(RUN_KEY, None)
+        router.end_run(run, ok)
+        run.scratch.clear()
+
+
+def get_router(model_patcher) -> Router | None:
+    return model_patcher.model_options.get("transformer_options", {}).get(ROUTER_KEY)
+
+
+def attach(model_patcher, controller: Controller):
+    """Clone `model_patcher` and add `controller` on top of its router stack (creating the router).
+
+    The input model is untouched. Raises AttentionControlError / UnsupportedModelError before
+    anything is patched.
+    """
+    old = get_router(model_patcher)
+    sites = old.sites if old is not None else discover_sites(model_patcher)
+    controller.validate_sites(sites)
+    m = model_patcher.clone()
+    router = Router(sites, (old.controllers if old is not None else ()) + (controller,))
+    to = m.model_options.setdefault("transformer_options", {})
+    replace = to.setdefault("patches_replace", {})
+    for site in router.wanted_sites():
+        table = replace.setdefault(site.attn, {})
+        existing = table.get(site.key)
+        if isinstance(existing, RouterPatch):
+            continue
+        if existing is None:
+            existing = table.get(site.block)      # ComfyUI also looks up (name, id) keys
+        table[site.key] = RouterPatch(site, existing)
+    to[ROUTER_KEY] = router
+    if not m.get_wrappers(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        m.add_wrapper_with_key(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
+    return m
+
+
+def comfyui_version() -> str | None:
+    try:
+        import comfyui_version  # type: ignore
+        return comfyui_version.__version__
+    except Exception:
+        return None

@@ -1,0 +1,122 @@
+"""Nodes: AttnCtl_CaptureAttention, AttnCtl_AttentionHeatmap."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..attention import maps as M
+from ..attention.capture import AttentionMaps, CaptureController
+from ..attention.core import LayerSelector
+from ..attention.router import attach
+from .common import CATEGORY, resolve_words
+
+AttnMaps = io.Custom("ATTN_MAPS")
+
+
+class CaptureAttention(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_CaptureAttention",
+            display_name="Capture Attention Maps",
+            category=f"{CATEGORY}/capture",
+            description="Patches the model so that sampling records per-word cross-attention maps "
+                        "(DAAM-style): running sums over the chosen layers, heads and steps, cond rows only.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with; it is cloned, the input stays unpatched."),
+                io.Clip.Input("clip", tooltip="The CLIP used to encode the prompt; its tokenizer locates the words."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The positive prompt text, exactly as given to CLIPTextEncode."),
+                io.String.Input("words", default="",
+                                tooltip="Words or phrases of the prompt to capture, comma-separated. Multi-token "
+                                        "words sum their tokens. '#5' or '#5+6' gives token indices (0 = start token)."),
+                io.String.Input("layers", default="all",
+                                tooltip="Layers to average: all, down, mid, up, map sides at the sampled size "
+                                        "(e.g. 16,32) or downscale factors (1/4), comma-separated."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="First fraction of the sampling steps to include."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps at which capture stops."),
+                io.Boolean.Input("keep_per_step", default=False,
+                                 tooltip="Also keep one map per step (memory grows with steps) for the step slider "
+                                         "and per-step export."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), AttnMaps.Output(display_name="attn_maps")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, words, layers, start_percent, end_percent, keep_per_step):
+        specs, prompt_len = resolve_words(clip, prompt, words)
+        handle = AttentionMaps([s.label for s in specs])
+        ctrl = CaptureController(specs, prompt_len, handle, LayerSelector.parse(layers),
+                                 start_percent, end_percent, keep_per_step)
+        return io.NodeOutput(attach(model, ctrl), handle)
+
+
+def _latent_rgb_size(latent, image):
+    if image is not None:
+        return image.shape[1], image.shape[2]
+    s = latent["samples"]
+    return s.shape[-2] * 8, s.shape[-1] * 8
+
+
+class AttentionHeatmap(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_AttentionHeatmap",
+            display_name="Attention Heat Map",
+            category=f"{CATEGORY}/capture",
+            description="Turns captured attention maps into heat-map overlays and masks, one per word and "
+                        "batch item (order: item 0 word 0, item 0 word 1, ...).",
+            inputs=[
+                AttnMaps.Input("attn_maps", tooltip="The ATTN_MAPS output of Capture Attention Maps."),
+                io.Image.Input("image", optional=True,
+                               tooltip="The decoded image of the captured run; the heat maps are drawn over it."),
+                io.Latent.Input("latent", optional=True,
+                                tooltip="Or the sampled LATENT (heat maps on grey, sized like the decoded image)."),
+                io.Float.Input("threshold", default=0.5, min=0.0, max=1.0, step=0.01,
+                               tooltip="Masks are the normalised map above this value."),
+                io.Float.Input("alpha", default=0.6, min=0.0, max=1.0, step=0.05,
+                               tooltip="Opacity of the heat map over the image."),
+                io.Boolean.Input("per_step", default=False,
+                                 tooltip="Output one heat map per kept step (needs keep_per_step on the capture node) "
+                                         "instead of the aggregate."),
+            ],
+            outputs=[io.Image.Output(display_name="heatmaps"), io.Mask.Output(display_name="masks")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return True
+
+    @classmethod
+    def execute(cls, attn_maps, threshold, alpha, per_step, image=None, latent=None):
+        if image is None and latent is None:
+            raise ValueError("image/latent: connect the decoded IMAGE or the sampled LATENT of the captured run, "
+                             "so that this node runs after sampling")
+        maps = attn_maps.require()
+        if per_step:
+            if not attn_maps.step_maps:
+                raise ValueError("per_step: no per-step maps were kept; turn on keep_per_step on the capture node")
+            frames = [m for _, m in attn_maps.step_maps]
+        else:
+            frames = [maps]
+        H, W = _latent_rgb_size(latent, image)
+        norm_all = [M.normalize(f) for f in frames]                    # each (B, W, h, w)
+        b = maps.shape[0]
+        if image is not None and image.shape[0] not in (1, b):
+            raise ValueError(f"image: batch of {image.shape[0]} does not match the {b} captured items")
+        out_img, out_mask = [], []
+        for norm in norm_all:
+            for i in range(b):
+                base = image[min(i, image.shape[0] - 1)].float() if image is not None \
+                    else torch.full((H, W, 3), 0.5)
+                for w in range(norm.shape[1]):
+                    out_img.append(M.overlay(base[..., :3], norm[i, w], alpha))
+                    up = M.resize(norm[i, w][None, None], (H, W))[0, 0]
+                    out_mask.append((up > threshold).float())
+        return io.NodeOutput(torch.stack(out_img).clamp(0, 1), torch.stack(out_mask))
+
+
+NODES = [CaptureAttention, AttentionHeatmap]

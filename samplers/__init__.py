@@ -1,0 +1,1 @@
+"""Pure torch sampling pieces (tiling, inversion, guidance); filled by later issues."""

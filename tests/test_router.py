@@ -1,0 +1,192 @@
+"""The attention router on the real ComfyUI: baseline equality, firing, chaining, lifecycle, errors."""
+import pytest
+import torch
+
+import ac_models as M
+import comfy.model_patcher
+import nodes
+from attention_control.attention import core
+from attention_control.attention.router import (RUN_KEY, ROUTER_KEY, AttentionControlError, RouterPatch,
+                                                UnsupportedModelError, attach, discover_sites)
+
+
+class Counter(core.Controller):
+    """Test controller: counts routed calls per (kind, key, step) and passes them on unchanged."""
+    name = "counter"
+
+    def __init__(self, kinds=("self", "cross"), layers="all"):
+        self.kinds = frozenset(kinds)
+        self.selector = core.LayerSelector.parse(layers)
+        self.calls = {}
+        self.runs = 0
+        self.ended = 0
+
+    def begin_run(self, run):
+        super().begin_run(run)
+        self.runs += 1
+
+    def end_run(self, run, ok):
+        self.ended += 1
+
+    def attend(self, q, k, v, call, nxt):
+        key = (call.site.kind, call.site.key, call.step)
+        self.calls[key] = self.calls.get(key, 0) + 1
+        assert call.h * call.w == q.shape[1]
+        return nxt(q, k, v)
+
+
+POS = M.cond(seed=1)
+NEG = M.cond(seed=2)
+
+
+def sample(model, **kw):
+    kw.setdefault("steps", 3)
+    return M.ksample(model, POS, NEG, M.latent(2, 16, 16), **kw)
+
+
+@pytest.fixture(scope="module")
+def baseline(sd15):
+    return sample(sd15)
+
+
+def test_passthrough_router_is_bit_identical(sd15, baseline):
+    c = Counter()
+    out = sample(attach(sd15, c))
+    assert c.calls, "the router never fired"
+    assert torch.equal(out, baseline)
+
+
+def test_fires_on_every_selected_layer_and_only_there(sd15):
+    sites = discover_sites(sd15)
+    c = Counter(kinds=("cross",), layers="up,1/2")
+    sample(attach(sd15, c), steps=2)
+    fired = {(kind, key) for (kind, key, _) in c.calls}
+    want = {("cross", s.key) for s in sites if s.kind == "cross" and s.part == "up" and s.ds == 2}
+    assert want and fired == want
+    steps = sorted({st for (_, _, st) in c.calls})
+    assert steps == [0, 1]
+
+
+def test_map_side_selection_is_resolved_at_the_sampled_size(sd15):
+    c = Counter(kinds=("cross",), layers="8")           # 16x16 latent: ds 2 layers have 8x8 maps
+    sample(attach(sd15, c), steps=1)
+    assert {key for (_, key, _) in c.calls} == {s.key for s in discover_sites(sd15) if s.ds == 2}
+
+
+def test_selector_matching_nothing_is_an_error(sd15):
+    with pytest.raises(AttentionControlError, match="selects no cross-attention layer"):
+        attach(sd15, Counter(kinds=("cross",), layers="1/16"))
+    c = Counter(kinds=("cross",), layers="5")
+    m = attach(sd15, c)
+    with pytest.raises(AttentionControlError, match="at a 16x16 latent"):
+        sample(m, steps=1)
+    assert c.calls == {}, "the error must come before the first step"
+    with pytest.raises(AttentionControlError, match="not a layer term"):
+        core.LayerSelector.parse("upper")
+
+
+def test_chains_a_preinstalled_replace_patch(sd15):
+    seen = {"n": 0}
+
+    def other_pack(q, k, v, extra):
+        seen["n"] += 1
+        return comfy.ldm.modules.attention.optimized_attention(q, k, v, extra["n_heads"]) * 0.5
+
+    import comfy.ldm.modules.attention  # noqa: F401
+    theirs = sd15.clone()
+    theirs.set_model_attn2_replace(other_pack, "output", 3)           # (name, id) key form
+    theirs.set_model_attn1_replace(other_pack, "input", 1, 0)         # (name, id, index) key form
+    ref = sample(theirs)
+    n_ref = seen["n"]
+    seen["n"] = 0
+    c = Counter()
+    ours = attach(theirs, c)
+    out = sample(ours)
+    assert seen["n"] == n_ref > 0, "the pre-installed patch must still run"
+    assert c.calls[("cross", ("output", 3, 0), 0)] > 0
+    assert torch.equal(out, ref)
+
+
+def test_no_state_leaks_and_input_model_untouched(sd15, baseline):
+    before = sd15.model_options.get("transformer_options", {}).copy()
+    c = Counter()
+    m = attach(sd15, c)
+    a = sample(m)
+    b = sample(m)
+    assert torch.equal(a, b)
+    assert c.runs == 2 and c.ended == 2
+    assert RUN_KEY not in m.model_options["transformer_options"]
+    assert sd15.model_options.get("transformer_options", {}) == before
+    assert ROUTER_KEY not in sd15.model_options.get("transformer_options", {})
+    assert torch.equal(sample(sd15), baseline)
+
+
+def test_stacking_copies_the_stack_per_branch(sd15):
+    c1, c2, c3 = Counter(), Counter(kinds=("cross",)), Counter(kinds=("self",))
+    base = attach(sd15, c1)
+    branch_a = attach(base, c2)
+    branch_b = attach(base, c3)
+    assert [type(x) for x in branch_a.model_options["transformer_options"][ROUTER_KEY].controllers] == [Counter, Counter]
+    sample(branch_a, steps=1)
+    assert c1.calls and c2.calls and not c3.calls
+    # the clone shares no mutable router state with its parent
+    assert base.model_options["transformer_options"][ROUTER_KEY].controllers == (c1,)
+    patch = branch_a.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
+    assert isinstance(patch, RouterPatch)
+
+
+@pytest.mark.parametrize("path", ["ksampler_cfg1", "sampler_custom", "sampler_custom_advanced", "heun"])
+def test_all_sampler_paths(sd15, path):
+    from comfy_extras import nodes_custom_sampler as ncs
+    c = Counter(kinds=("cross",), layers="mid")
+    m = attach(sd15, c)
+    lat = M.latent(1, 16, 16)
+    steps = 3
+    if path == "ksampler_cfg1":
+        M.ksample(m, POS, NEG, lat, cfg=1.0, steps=steps)
+        rows = {k: v for k, v in c.calls.items()}
+        assert len(rows) == steps
+    elif path == "heun":
+        M.ksample(m, POS, NEG, lat, steps=steps, sampler="heun")
+        assert sorted({s for (_, _, s) in c.calls}) == [0, 1, 2]
+    elif path == "sampler_custom":
+        sampler = ncs.KSamplerSelect.execute("euler")[0]
+        sigmas = ncs.BasicScheduler.execute(m, "normal", steps, 1.0)[0]
+        ncs.SamplerCustom.execute(m, True, 0, 5.0, POS, NEG, sampler, sigmas, lat)
+        assert sorted({s for (_, _, s) in c.calls}) == [0, 1, 2]
+    else:
+        sampler = ncs.KSamplerSelect.execute("euler")[0]
+        sigmas = ncs.BasicScheduler.execute(m, "normal", steps, 1.0)[0]
+        guider = ncs.CFGGuider.execute(m, POS, NEG, 5.0)[0]
+        noise = ncs.RandomNoise.execute(0)[0]
+        ncs.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, lat)
+        assert sorted({s for (_, _, s) in c.calls}) == [0, 1, 2]
+    assert c.ended == 1
+
+
+def test_sdxl_sites_and_sampling(sdxl):
+    sites = discover_sites(sdxl)
+    assert {s.ds for s in sites} == {2, 4}
+    assert max(s.index for s in sites) == 1                   # depth-2 transformers
+    c = Counter(kinds=("cross",))
+    pos, neg = M.cond(dim=2048, pooled=1280, seed=1), M.cond(dim=2048, pooled=1280, seed=2)
+    base = M.ksample(sdxl, pos, neg, M.latent(1, 16, 16), steps=2)
+    out = M.ksample(attach(sdxl, c), pos, neg, M.latent(1, 16, 16), steps=2)
+    assert torch.equal(base, out)
+    assert {key for (_, key, _) in c.calls} == {s.key for s in sites if s.kind == "cross"}
+
+
+def test_unsupported_family_is_named():
+    class FakeDiT(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.diffusion_model = torch.nn.Linear(2, 2)
+
+    class Flux:
+        pass
+
+    mod = FakeDiT()
+    mod.model_config = Flux()
+    mp = comfy.model_patcher.ModelPatcher(mod, torch.device("cpu"), torch.device("cpu"))
+    with pytest.raises(UnsupportedModelError, match=r"Flux is not supported yet.*SD1\.x, SD2\.x and SDXL"):
+        attach(mp, Counter())
