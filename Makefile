@@ -1,0 +1,29 @@
+# Attention Control: every target builds what it needs on a fresh machine.
+# The test-host venv (torch + ComfyUI 0.3.75) is built once per machine in a cache folder keyed by
+# a hash of requirements-host.txt (scripts/host.sh); `.venv` is a link to it.
+SHELL := /bin/bash
+PY = .venv/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: venv test test-fast demo bench shapes-model clean
+
+venv:
+	@v=$$(bash scripts/host.sh) && ln -sfn "$$v" .venv
+
+test: venv
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+demo: venv
+	$(PY) -m devtools.demo $(if $(CKPT),--ckpt "$(CKPT)",)
+
+bench: venv
+	$(PY) -m bench.run
+
+shapes-model: venv
+	$(PY) -m shapesworld.train --out shapesworld/weights/shapes_world.safetensors
+
+clean:
+	rm -rf out bench/_runs .venv
