@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -171,9 +172,11 @@ class ComfyServer:
         if missing:
             raise ServerError(f"the pack's nodes {missing} are missing from /object_info: the pack failed to "
                               f"import\n{self.log_tail(120)}")
-        tail = self.log_tail(400)
-        if f"IMPORT FAILED" in tail and PACK_NAME in tail.split("IMPORT FAILED", 1)[1][:400]:
-            raise ServerError(f"ComfyUI reports IMPORT FAILED for {PACK_NAME}\n{tail}")
+        with open(self.log_path, "rb") as f:
+            text = f.read().decode("utf-8", "replace")
+        # ComfyUI lists "0.1 seconds (IMPORT FAILED): <path>" for a custom node folder that raised on import
+        if re.search(r"\(IMPORT FAILED\):[^\n]*" + re.escape(PACK_NAME), text):
+            raise ServerError(f"ComfyUI reports IMPORT FAILED for {PACK_NAME}\n{self.log_tail(120)}")
 
     def pack_nodes(self) -> list[str]:
         return sorted(n for n in (self.object_info or {}) if n.startswith(PACK_NODE_PREFIX))

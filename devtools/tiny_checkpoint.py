@@ -119,7 +119,7 @@ def ensure_checkpoint(path: str | None = None) -> str:
 
 def verify(path: str, steps: int = 1, latent: int = 32) -> dict:
     """Loads `path` with ComfyUI's own checkpoint loader, checks it is SD1.5, and samples `steps` steps
-    on a latent x latent latent and decodes it. Returns facts for the caller to assert on."""
+    on a latent x latent latent and decodes an 8 x 8 crop of it (64 x 64 pixels). Returns facts for the caller to assert on."""
     from devtools.host import setup_comfy
     setup_comfy()
     import torch
@@ -138,7 +138,7 @@ def verify(path: str, steps: int = 1, latent: int = 32) -> dict:
     noise = comfy.sample.prepare_noise(lat, 0)
     samples = comfy.sample.sample(model, noise, steps, 7.0, "euler", "normal", cond, neg, lat,
                                   denoise=1.0, disable_pbar=True, seed=0)
-    image = vae.decode(samples)
+    image = vae.decode(samples[..., :8, :8])      # the VAE works; a small crop keeps this quick
     return {
         "model_config": type(cfg).__name__,
         "is_sd15": type(cfg) is comfy.supported_models.SD15,
