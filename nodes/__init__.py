@@ -2,5 +2,5 @@
 
 
 def all_nodes():
-    from . import capture
-    return [*capture.NODES]
+    from . import capture, shapes_world
+    return [*capture.NODES, *shapes_world.NODES]

@@ -190,3 +190,18 @@ def test_unsupported_family_is_named():
     mp = comfy.model_patcher.ModelPatcher(mod, torch.device("cpu"), torch.device("cpu"))
     with pytest.raises(UnsupportedModelError, match=r"Flux is not supported yet.*SD1\.x, SD2\.x and SDXL"):
         attach(mp, Counter())
+
+
+def test_sd2_shaped_model():
+    import comfy.supported_models
+    cfg = dict(M.SD15_TINY, use_linear_in_transformer=True, context_dim=1024)
+    mc = comfy.supported_models.SD20(cfg)
+    mc.unet_config["num_head_channels"] = 16
+    model = mc.get_model({})
+    M._fill_random(model, 99)
+    mp = M._patcher(model)
+    pos, neg = M.cond(dim=1024, seed=1), M.cond(dim=1024, seed=2)
+    base = M.ksample(mp, pos, neg, M.latent(1, 16, 16), steps=2)
+    c = Counter()
+    assert torch.equal(M.ksample(attach(mp, c), pos, neg, M.latent(1, 16, 16), steps=2), base)
+    assert c.calls

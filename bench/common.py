@@ -1,0 +1,77 @@
+"""Measurement helpers shared by the benchmarks (DESIGN.md section 7).
+
+- time ratios: A and B interleaved in one process (A B A B ...), at least 3 pairs after a warm-up,
+  median of per-pair ratios of process CPU time;
+- memory: extra peak RSS above the loaded-model baseline, each case in a fresh process; the peak is
+  reset through /proc/self/clear_refs (VmHWM) once the model is built, so import-time peaks do not
+  count.
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def setup(backend: str):
+    """Import the real ComfyUI with the chosen CPU attention backend ('subquad' or 'sdpa')."""
+    for p in (REPO, os.path.join(REPO, "tests")):
+        if p not in sys.path:
+            sys.path.append(p)
+    from devtools.host import import_pack, setup_comfy
+    setup_comfy(pytorch_attention=(backend == "sdpa"))
+    import_pack()
+    import comfy.ldm.modules.attention as A
+    return A.optimized_attention.__name__
+
+
+def interleaved_ratio(run_a, run_b, pairs: int = 3, warmup: bool = True) -> dict:
+    """Median of per-pair CPU-time ratios B/A (A = baseline), with the pair times."""
+    if warmup:
+        run_a()
+        run_b()
+    ratios, ta, tb = [], [], []
+    for _ in range(pairs):
+        t0 = time.process_time()
+        run_a()
+        t1 = time.process_time()
+        run_b()
+        t2 = time.process_time()
+        ta.append(t1 - t0)
+        tb.append(t2 - t1)
+        ratios.append((t2 - t1) / (t1 - t0))
+    return {"ratio": statistics.median(ratios), "a_s": ta, "b_s": tb}
+
+
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def reset_peak() -> int:
+    """Reset the peak RSS to the current RSS; returns the current RSS in kB."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return _status_kb("VmRSS")
+
+
+def peak_kb() -> int:
+    return _status_kb("VmHWM")
+
+
+def run_child(module: str, *args: str, env_extra: dict | None = None, timeout: int = 1800) -> dict:
+    """Run `python -m module args` in a fresh process; it prints one JSON object on its last line."""
+    env = dict(os.environ, **(env_extra or {}))
+    out = subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"{module} {args} failed:\n{out.stderr[-4000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])

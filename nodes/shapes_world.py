@@ -1,0 +1,38 @@
+"""Node: AttnCtl_ShapesWorldLoader (the small trained "shapes world" model shipped with the pack)."""
+from __future__ import annotations
+
+import os
+
+from comfy_api.latest import io
+
+from .common import CATEGORY
+
+
+class ShapesWorldLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_ShapesWorldLoader",
+            display_name="Shapes World Loader (demo model)",
+            category=f"{CATEGORY}/debug",
+            description="Loads the tiny text-to-image model trained on synthetic shapes (circles, squares, "
+                        "triangles in red, green, blue, yellow) that ships with the pack. It runs on CPU in "
+                        "seconds and is used by the demo and the semantic tests. Use it with the stock "
+                        "CLIPTextEncode, KSampler, EmptyLatentImage (256x256 -> 32x32 latent) and VAEDecode.",
+            inputs=[],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+                     io.Vae.Output(display_name="VAE")],
+        )
+
+    @classmethod
+    def execute(cls):
+        from ..shapesworld.comfy_glue import load_shapes_world
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "shapesworld", "weights", "shapes_world.safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shapes world weights not found at {path}: run `make shapes-model`")
+        model, clip, vae = load_shapes_world(path)
+        return io.NodeOutput(model, clip, vae)
+
+
+NODES = [ShapesWorldLoader]
