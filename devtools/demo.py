@@ -1,6 +1,6 @@
 """Run every example workflow on the real ComfyUI server and collect the images.
 
-    python -m devtools.demo [--ckpt PATH] [--out out] [--steps N] [--only NAME] [--thumbnails]
+    python -m devtools.demo [--ckpt PATH] [--model auto|shapes|tiny] [--out out] [--steps N] [--only NAME] [--thumbnails]
 
 (`make demo [CKPT=...]`). Starts ComfyUI 0.3.75 with this pack (devtools.server), converts each
 example_workflows/*.json to the API format (devtools.workflow), chooses the model, runs it, copies the
@@ -10,6 +10,7 @@ The model: with --ckpt PATH that file is linked into the server's models/checkpo
 CheckpointLoaderSimple loads it. Otherwise, if the pack offers AttnCtl_ShapesWorldLoader (the trained
 shapes-world model, outputs MODEL, CLIP, VAE like CheckpointLoaderSimple), each CheckpointLoaderSimple
 is replaced by it; failing that, the tiny random SD1.5 checkpoint (devtools.tiny_checkpoint) is used.
+--model tiny (or ATTNCTL_DEMO_MODEL=tiny, which the e2e tests also read) forces the tiny checkpoint.
 --thumbnails also writes example_workflows/<name>.jpg from the outputs.
 """
 from __future__ import annotations
@@ -56,11 +57,20 @@ def ensure_tiny_checkpoint() -> str:
     return path
 
 
-def choose_model(server, ckpt: str | None = None) -> dict:
-    """Decides the model substitution for this server: {'loader': SHAPES_LOADER} or {'ckpt_name': name}."""
+def choose_model(server, ckpt: str | None = None, kind: str | None = None) -> dict:
+    """Decides the model substitution for this server: {'loader': SHAPES_LOADER} or {'ckpt_name': name}.
+
+    kind: 'auto' (default; the env var ATTNCTL_DEMO_MODEL can set it): the shapes-world loader when the pack
+    offers it, else the tiny checkpoint; 'shapes' or 'tiny' force one. ckpt (a file) overrides both."""
+    kind = kind or os.environ.get("ATTNCTL_DEMO_MODEL") or "auto"
+    if kind not in ("auto", "shapes", "tiny"):
+        raise ValueError(f"model kind {kind!r}: use auto, shapes or tiny")
     if ckpt:
         return {"ckpt_name": server.add_checkpoint(ckpt)}
-    if SHAPES_LOADER in (server.object_info or {}):
+    has_loader = SHAPES_LOADER in (server.object_info or {})
+    if kind == "shapes" and not has_loader:
+        raise RuntimeError(f"{SHAPES_LOADER} is not in /object_info")
+    if has_loader and kind != "tiny":
         return {"loader": SHAPES_LOADER}
     return {"ckpt_name": server.add_checkpoint(ensure_tiny_checkpoint())}
 
@@ -174,7 +184,7 @@ def thumbnail(paths: list[str], dest: str, height: int = 160, max_bytes: int = 6
 
 # ------------------------------------------------------------------------------------------ main
 def run_demo(ckpt: str | None = None, out_dir: str = "out", steps: int | None = None, only: list[str] | None = None,
-             thumbnails: bool = False, timeout: float = 600.0) -> int:
+             thumbnails: bool = False, timeout: float = 600.0, model_kind: str | None = None) -> int:
     from devtools.server import ComfyServer, PromptFailed, PromptRejected, ServerError
 
     workflows = [p for p in example_workflows() if not only or workflow_name(p) in only]
@@ -188,7 +198,7 @@ def run_demo(ckpt: str | None = None, out_dir: str = "out", steps: int | None = 
     try:
         server.start()
         log.info("ComfyUI is up at %s; pack nodes: %s", server.url, ", ".join(server.pack_nodes()))
-        model = choose_model(server, ckpt)
+        model = choose_model(server, ckpt, model_kind)
         log.info("model: %s", model)
         for path in workflows:
             name = workflow_name(path)
@@ -237,6 +247,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run every example workflow on the real ComfyUI server.")
     ap.add_argument("--ckpt", help="a checkpoint file for every CheckpointLoaderSimple")
     ap.add_argument("--out", default=os.path.join(REPO, "out"), help="output folder (default: out/)")
+    ap.add_argument("--model", choices=("auto", "shapes", "tiny"), default=None,
+                    help="default model when --ckpt is not given: auto (AttnCtl_ShapesWorldLoader if the pack offers "
+                         "it, else the tiny random SD1.5 checkpoint; env ATTNCTL_DEMO_MODEL), shapes or tiny")
     ap.add_argument("--steps", type=int, default=None, help="override the sampler steps (quick runs)")
     ap.add_argument("--only", action="append", help="run only this workflow (name without .json); repeatable")
     ap.add_argument("--thumbnails", action="store_true", help="write example_workflows/<name>.jpg from the outputs")
@@ -245,7 +258,7 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if a.ckpt and not os.path.isfile(a.ckpt):
         ap.error(f"--ckpt: no such file: {a.ckpt}")
-    return run_demo(a.ckpt, a.out, a.steps, a.only, a.thumbnails, a.timeout)
+    return run_demo(a.ckpt, a.out, a.steps, a.only, a.thumbnails, a.timeout, a.model)
 
 
 if __name__ == "__main__":
