@@ -12,6 +12,7 @@ D/models/checkpoints. HTTP uses the stdlib only (urllib), always with timeouts.
 """
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -66,6 +67,26 @@ def execution_error_message(entry: dict) -> str:
             return f"{data.get('node_type')} (node {data.get('node_id')}): " \
                    f"{data.get('exception_type')}: {data.get('exception_message')}"
     return ""
+
+
+def _die_with_parent():
+    """preexec_fn: the server gets SIGTERM when the process that started it dies (Linux), so a killed test
+    run leaves no orphan server behind."""
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
+    except Exception:  # noqa: BLE001  not Linux: atexit still stops it
+        pass
+
+
+_RUNNING: "set[ComfyServer]" = set()
+
+
+@atexit.register
+def _stop_all():
+    for srv in list(_RUNNING):
+        srv.stop()
 
 
 def free_port() -> int:
@@ -143,7 +164,9 @@ class ComfyServer:
         self._log_file = open(self.log_path, "ab")
         log.info("starting ComfyUI on %s (base %s, log %s)", self.url, d, self.log_path)
         self.proc = subprocess.Popen(cmd, cwd=root, env=env, stdin=subprocess.DEVNULL,
-                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True)
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, start_new_session=True,
+                                     preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None)
+        _RUNNING.add(self)
         try:
             self._wait_ready()
             self._check_pack()
@@ -190,6 +213,7 @@ class ComfyServer:
                 self.proc.kill()
                 self.proc.wait(timeout)
         self.proc = None
+        _RUNNING.discard(self)
         if self._log_file is not None:
             self._log_file.close()
             self._log_file = None
