@@ -283,7 +283,7 @@ class ComfyServer:
             except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
                 hist = {}
             entry = hist.get(prompt_id)
-            if entry is not None and (entry.get("status") or {}).get("completed") is not None:
+            if entry is not None:          # ComfyUI writes the history entry when the prompt is done
                 return entry
             if time.monotonic() > deadline:
                 self.interrupt()

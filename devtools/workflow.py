@@ -78,6 +78,8 @@ def _default(spec):
         return opts["default"]
     if isinstance(spec[0], list) and spec[0]:
         return spec[0][0]
+    if spec[0] == "COMBO" and opts.get("options"):      # V3 combos: ["COMBO", {"options": [...]}]
+        return opts["options"][0]
     raise KeyError
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from devtools.demo import build_prompt, choose_model, example_workflows, workflow_name  # noqa: F401
+from devtools.demo import build_prompt, choose_model
 from devtools.server import ComfyServer
 
 E2E_STEPS = 3            # sampler steps in e2e runs (the example files say 20)
