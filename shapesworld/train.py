@@ -1,0 +1,186 @@
+"""Train the shapes-world UNet.
+
+    python -m shapesworld.train --out shapesworld/weights/shapes_world.safetensors [--steps N]
+
+Deterministic for a given --seed and step count (fixed torch seed, per-step numpy generators).
+CPU, bf16 autocast, 2 threads. Text-encoder outputs for every caption (and "") are computed once.
+Saves the EMA weights (fp16 safetensors) to --out, and periodic EMA checkpoints to --ckpt-dir.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+logger = logging.getLogger("shapesworld.train")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="output .safetensors (EMA weights, fp16)")
+    p.add_argument("--steps", type=int, default=1100, help="optimizer steps (fixed: the LR schedule depends on it)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=200)
+    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--p-uncond", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--threads", type=int, default=2, help="max torch threads; the run probes 1..max and keeps the faster")
+    p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: plain MSE)")
+    p.add_argument("--ckpt-dir", default="/tmp/shapes_ckpt", help="periodic EMA checkpoints")
+    p.add_argument("--ckpt-every", type=int, default=100)
+    p.add_argument("--emb-cache", default="/tmp/shapes_caption_emb.pt", help="cache of the caption embeddings ('' = none)")
+    p.add_argument("--log-every", type=int, default=50)
+    p.add_argument("--bf16", action="store_true", help="bf16 autocast (fast only on CPUs with native bf16: AVX512-BF16/AMX)")
+    return p.parse_args(argv)
+
+
+def save_unet(state: dict, path: str, step: int):
+    import safetensors.torch
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sd = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
+    tmp = path + ".tmp"
+    safetensors.torch.save_file(sd, tmp, metadata={"format": "pt", "model": "shapes_world", "step": str(step)})
+    os.replace(tmp, path)
+
+
+def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    frac = (step - warmup) / max(1, total - warmup)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    torch.set_num_threads(args.threads)
+    if REPO not in sys.path:
+        sys.path.insert(0, REPO)
+    from devtools.host import setup_comfy
+    setup_comfy(pytorch_attention=True)  # SDPA: supports backward and is fast on CPU
+    from . import comfy_glue, data
+
+    torch.manual_seed(args.seed)
+    model = comfy_glue.build_unet_model(seed=args.seed)
+    unet = model.diffusion_model
+    unet.train()
+    for p in unet.parameters():
+        p.requires_grad_(True)
+    ema = copy.deepcopy(unet).eval()
+    for p in ema.parameters():
+        p.requires_grad_(False)
+    logger.info("unet parameters: %d", sum(p.numel() for p in unet.parameters()))
+
+    sigmas = model.model_sampling.sigmas.float()
+    alphas_cumprod = 1.0 / (1.0 + sigmas ** 2)  # scaled-linear 0.00085..0.012, 1000 steps
+    sqrt_ac = alphas_cumprod.sqrt()
+    sqrt_1mac = (1.0 - alphas_cumprod).sqrt()
+
+    # text-encoder outputs for the whole (finite) caption set, once
+    t0 = time.time()
+    captions = data.all_captions()
+    index = {c: i + 1 for i, c in enumerate(captions)}
+    key = {"captions": [""] + captions, "clip": [comfy_glue.CLIP_SEED, comfy_glue.CLIP_LAYERS, comfy_glue.CLIP_TOKEN_STD,
+                                                   comfy_glue.CLIP_POSITION_STD, comfy_glue.CLIP_LINEAR_STD]}
+    table = None
+    if args.emb_cache and os.path.exists(args.emb_cache):
+        cached = torch.load(args.emb_cache)
+        if cached.get("key") == key:
+            table = cached["table"]
+    if table is None:
+        clip = comfy_glue.build_clip()
+        with torch.no_grad():
+            embs = [clip.encode_from_tokens(clip.tokenize(c)).float()[0] for c in [""] + captions]
+        table = torch.stack(embs)  # (1 + n_captions, 77, 768); row 0 is ""
+        del clip
+        if args.emb_cache:
+            torch.save({"key": key, "table": table}, args.emb_cache)
+    logger.info("encoded %d captions in %.1fs", table.shape[0], time.time() - t0)
+
+    opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
+    autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16
+                else torch.autocast("cpu", enabled=False))
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    weight_t = (torch.clamp(snr, max=args.min_snr) / snr) if args.min_snr > 0 else torch.ones_like(snr)
+
+    # thread count: on a shared machine 2 threads can be 3x slower than 1; probe and keep the faster
+    thread_opts = list(range(1, max(1, args.threads) + 1))
+    thread_time = {n: None for n in thread_opts}
+    cur_threads = thread_opts[-1]
+    torch.set_num_threads(cur_threads)
+    probe_every, probe_len = 300, 3
+
+    t_start = time.time()
+    run_loss = None
+    for step in range(args.steps):
+        ts = time.time()
+        rng = np.random.default_rng([args.seed, step])
+        imgs, caps, _ = data.sample_batch(rng, args.batch)
+        idx = np.array([index[c] for c in caps])
+        idx[rng.random(args.batch) < args.p_uncond] = 0
+        x0 = comfy_glue.rgb_to_latent(torch.from_numpy(imgs))
+        ctx = table[torch.from_numpy(idx)]
+        t = torch.from_numpy(rng.integers(0, 1000, size=args.batch))
+        noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
+        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * noise
+
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+        with autocast:
+            pred = unet(xt, t.float(), context=ctx)
+        per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = (per * weight_t[t]).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = args.ema if step >= args.warmup else 0.0
+            for pe, pm in zip(ema.parameters(), unet.parameters()):
+                pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
+
+        dt = time.time() - ts
+        prev = thread_time[cur_threads]
+        thread_time[cur_threads] = dt if prev is None else 0.8 * prev + 0.2 * dt
+        if len(thread_opts) > 1 and step > 0:
+            pos = step % probe_every
+            if pos == 0 or (step < probe_len * len(thread_opts) and step % probe_len == 0):
+                # try the other setting for a few steps
+                cur_threads = thread_opts[(thread_opts.index(cur_threads) + 1) % len(thread_opts)]
+                torch.set_num_threads(cur_threads)
+            elif pos == probe_len or (step < probe_len * len(thread_opts) and step % probe_len == probe_len - 1):
+                known = {n: v for n, v in thread_time.items() if v is not None}
+                best = min(known, key=known.get)
+                if best != cur_threads:
+                    cur_threads = best
+                    torch.set_num_threads(best)
+
+        lv = float(per.mean())
+        run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
+        if (step + 1) % args.log_every == 0 or step == 0:
+            el = time.time() - t_start
+            logger.info("step %d/%d mse %.4f (avg %.4f) lr %.2e  %.2fs/step  elapsed %.1fmin  eta %.1fmin  "
+                        "threads %d %s", step + 1, args.steps, lv, run_loss, opt.param_groups[0]["lr"],
+                        el / (step + 1), el / 60, el / (step + 1) * (args.steps - step - 1) / 60, cur_threads,
+                        {n: (round(v, 2) if v else None) for n, v in thread_time.items()})
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+            path = os.path.join(args.ckpt_dir, f"ema_step{step + 1:05d}.safetensors")
+            save_unet(ema.state_dict(), path, step + 1)
+            logger.info("checkpoint %s", path)
+
+    save_unet(ema.state_dict(), args.out, args.steps)
+    logger.info("done: %d steps in %.1f min -> %s", args.steps, (time.time() - t_start) / 60, args.out)
+
+
+if __name__ == "__main__":
+    main()
