@@ -67,9 +67,10 @@ def choose_model(server, ckpt: str | None = None, kind: str | None = None) -> di
         raise ValueError(f"model kind {kind!r}: use auto, shapes or tiny")
     if ckpt:
         return {"ckpt_name": server.add_checkpoint(ckpt)}
-    has_loader = SHAPES_LOADER in (server.object_info or {})
+    weights = os.path.join(REPO, "shapesworld", "weights", "shapes_world.safetensors")
+    has_loader = SHAPES_LOADER in (server.object_info or {}) and os.path.exists(weights)
     if kind == "shapes" and not has_loader:
-        raise RuntimeError(f"{SHAPES_LOADER} is not in /object_info")
+        raise RuntimeError(f"{SHAPES_LOADER} is not in /object_info or its weights are missing (make shapes-model)")
     if has_loader and kind != "tiny":
         return {"loader": SHAPES_LOADER}
     return {"ckpt_name": server.add_checkpoint(ensure_tiny_checkpoint())}
