@@ -162,10 +162,12 @@ class Run:
 
 class Call:
     """What a controller knows about one attention call."""
-    __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch")
+    __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch", "attention")
 
-    def __init__(self, site: Site, run: Run, extra: dict, n_rows: int):
+    def __init__(self, site: Site, run: Run, extra: dict, n_rows: int, attention=None):
         self.site = site
+        # attention(q, k, v) -> output: the host's fused attention for rows of any batch size
+        self.attention = attention
         self.run = run
         self.extra = extra
         self.step, self.sigma = run.step_of(extra.get("sigmas"))
@@ -192,6 +194,12 @@ class Call:
         return torch.tensor(idx, dtype=torch.long)
 
 
+def chunk_layout(cond_or_uncond, n_rows: int) -> tuple[list[int], int]:
+    """(cond_or_uncond list, latent batch) of a model call whose input has n_rows rows."""
+    cou = list(cond_or_uncond or [0])
+    return cou, n_rows // max(len(cou), 1)
+
+
 # --------------------------------------------------------------------------------------------
 # controllers
 
@@ -205,6 +213,9 @@ class Controller:
     kinds: frozenset = frozenset({"cross"})
     selector: LayerSelector = LayerSelector()
     name = "controller"
+    # controllers that also act on whole model calls (latent blending, ...) set this and override
+    # apply_model(self, apply, x, sigma, run, cond_or_uncond) -> denoised
+    wraps_model = False
 
     def __deepcopy__(self, memo):
         return self
@@ -230,6 +241,9 @@ class Controller:
 
     def attend(self, q, k, v, call: Call, nxt):
         return nxt(q, k, v)
+
+    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond):
+        return apply(x)
 
 
 class Router:

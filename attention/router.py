@@ -115,7 +115,13 @@ class RouterPatch:
             return default_attention(q, k, v, extra_options, inner)
         key = (self.site.kind, self.site.key)
         run.fired[key] = run.fired.get(key, 0) + 1
-        call = Call(self.site, run, extra_options, q.shape[0])
+        site = self.site
+
+        def fused(q_, k_, v_):
+            return comfy_attention.optimized_attention(q_, k_, v_, site.heads, attn_precision=extra_options.get("attn_precision"),
+                                                       transformer_options=extra_options)
+
+        call = Call(site, run, extra_options, q.shape[0], fused)
 
         def run_from(i):
             if i < 0:
@@ -150,6 +156,24 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args,
         run.scratch.clear()
 
 
+def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
+                         **kwargs):
+    run = transformer_options.get(RUN_KEY)
+    router = transformer_options.get(ROUTER_KEY)
+    ctrls = [c for c in router.controllers if c.wraps_model] if (run is not None and router is not None) else []
+    if not ctrls:
+        return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    cou = list(transformer_options.get("cond_or_uncond", [0]))
+
+    def run_from(i):
+        if i < 0:
+            return lambda x_: executor(x_, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+        below = run_from(i - 1)
+        return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou)
+
+    return run_from(len(ctrls) - 1)(x)
+
+
 def get_router(model_patcher) -> Router | None:
     return model_patcher.model_options.get("transformer_options", {}).get(ROUTER_KEY)
 
@@ -178,6 +202,8 @@ def attach(model_patcher, controller: Controller):
     to[ROUTER_KEY] = router
     if not m.get_wrappers(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
+    if controller.wraps_model and not m.get_wrappers(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+        m.add_wrapper_with_key(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
     return m
 
 

@@ -2,5 +2,5 @@
 
 
 def all_nodes():
-    from . import capture, shapes_world
-    return [*capture.NODES, *shapes_world.NODES]
+    from . import capture, p2p, shapes_world
+    return [*capture.NODES, *p2p.NODES, *shapes_world.NODES]
