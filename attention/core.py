@@ -207,6 +207,8 @@ class Controller:
     """Base class of everything that acts on attention calls.
 
     Subclasses set `kinds` ({"self"}, {"cross"} or both) and `selector`, and override `attend`.
+    `q, k, v` of a call are that call's own projections: a controller may overwrite rows in place
+    before handing them on, and must not read them after calling `nxt`.
     `begin_run` validates against the run (latent size, conditioning) before the first step and
     raises AttentionControlError on a bad configuration; `end_run` publishes results.
     """

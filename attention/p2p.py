@@ -259,10 +259,10 @@ class P2PController(Controller):
         if call.site.kind == "self":
             if call.step >= d["self_steps"]:
                 return nxt(q, k, v)
-            q2, k2 = q.clone(), k.clone()
-            q2[tgt] = q[src_for_tgt]
-            k2[tgt] = k[src_for_tgt]
-            return nxt(q2, k2, v)
+            # q, k are this call's own projections (fresh tensors): overwrite the target rows in place
+            q[tgt] = q[src_for_tgt]
+            k[tgt] = k[src_for_tgt]
+            return nxt(q, k, v)
         # cross attention
         if self.blend is not None and call.site.key in d["blend_keys"]:
             self._accumulate_blend(q, k, call, d, src, tgt)
@@ -275,18 +275,21 @@ class P2PController(Controller):
             raise AttentionControlError(f"conditioning: {K} tokens is not a multiple of {L}")
         r = K // L
         v_t = v[tgt].view(len(chunks), n, r, L, -1)                      # (chunks, n, r, L, HD)
-        q2, k2, v2 = q.clone(), k.clone(), v.clone()
-        if not no_edit:
-            q2[tgt] = q[src_for_tgt]
-            k2[tgt] = k[src_for_tgt]
-            v2[tgt] = torch.einsum("tij,ctrjd->ctrid", X, v_t).reshape(len(tgt), K, -1)
-            out = nxt(q2, k2, v2)
-        else:
+        own = None
+        if not no_own:      # attn(Q_tgt, K_tgt, diag(y) V_tgt), before the target rows are overwritten
+            yv = (v_t * y[None, :, None, :, None]).reshape(len(tgt), K, -1)
+            own = call.attention(q[tgt], k[tgt], yv)
+        if no_edit:
             out = nxt(q, k, v)
             out[tgt] = 0
-        if not no_own:
-            yv = (v_t * y[None, :, None, :, None]).reshape(len(tgt), K, -1)
-            out[tgt] = out[tgt] + call.attention(q[tgt], k[tgt], yv)
+        else:
+            # q, k, v are this call's own projections: overwrite the target rows in place
+            v[tgt] = torch.einsum("tij,ctrjd->ctrid", X, v_t).reshape(len(tgt), K, -1)
+            q[tgt] = q[src_for_tgt]
+            k[tgt] = k[src_for_tgt]
+            out = nxt(q, k, v)
+        if own is not None:
+            out[tgt] += own
         return out
 
     # -- local blend

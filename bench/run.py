@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-MODULES = ["bench.capture"]
+MODULES = ["bench.capture", "bench.p2p"]
 
 
 def main() -> int:

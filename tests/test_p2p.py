@@ -148,7 +148,7 @@ def test_cross_edit_equals_naive_materialised_formula(kind):
     for step in (1, 5, 9):
         call = _Call("cross", step, B)
         call.run = run
-        out = ctrl.attend(q, k, v, call, lambda q_, k_, v_: sdpa(q_, k_, v_, heads))
+        out = ctrl.attend(q.clone(), k.clone(), v.clone(), call, lambda q_, k_, v_: sdpa(q_, k_, v_, heads))
         # naive: materialise the maps of the cond chunk (rows B..2B-1)
         P = naive_probs(q, k, heads)
         ref = apply_probs(P, v, heads)
@@ -174,7 +174,7 @@ def test_self_injection_equals_naive():
     q, k, v = torch.randn(2 * B, N, 16), torch.randn(2 * B, N, 16), torch.randn(2 * B, N, 16)
     call = _Call("self", 2, B)
     call.run = run
-    out = ctrl.attend(q, k, v, call, lambda q_, k_, v_: sdpa(q_, k_, v_, heads))
+    out = ctrl.attend(q.clone(), k.clone(), v.clone(), call, lambda q_, k_, v_: sdpa(q_, k_, v_, heads))
     P = naive_probs(q, k, heads)
     ref = apply_probs(P, v, heads)
     ref[3] = apply_probs(P[2:3], v[3:4], heads)[0]       # target takes the source map
