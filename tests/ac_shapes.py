@@ -1,0 +1,37 @@
+"""The shipped shapes-world model, loaded once per test session, and sampling helpers."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+WEIGHTS = os.environ.get("ATTNCTL_SHAPES_WEIGHTS") or os.path.join(REPO, "shapesworld", "weights",
+                                                                   "shapes_world.safetensors")
+STEPS, CFG, SAMPLER = 20, 6.0, "euler"
+
+
+@functools.lru_cache(maxsize=1)
+def load():
+    from attention_control.shapesworld.comfy_glue import load_shapes_world
+    return load_shapes_world(WEIGHTS)
+
+
+def encode(clip, texts):
+    conds, pooled = [], []
+    for t in texts:
+        c, p = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
+        conds.append(c)
+        pooled.append(p)
+    return [[torch.cat(conds), {"pooled_output": torch.cat(pooled)} if pooled[0] is not None else {}]]
+
+
+def sample(model, positive, negative, latent, seed=0, steps=STEPS, cfg=CFG, sampler=SAMPLER):
+    import ac_models as M
+    return M.ksample(model, positive, negative, latent, seed=seed, steps=steps, cfg=cfg, sampler=sampler)
+
+
+def to_rgb(latent_samples):
+    from attention_control.shapesworld.comfy_glue import latent_to_rgb
+    return latent_to_rgb(latent_samples)            # (B, 3, 32, 32) in [0, 1]
