@@ -223,8 +223,11 @@ class P2PController(Controller):
         d["self_steps"] = self_window(S, self.self_fraction)
         d["cache"] = {}
         if self.blend is not None:
-            sites = select_sites(run.router.sites, self.blend.selector, "cross", run.latent_hw,
-                                 input_name="local_blend layers")
+            cross = [s for s in run.router.sites if s.kind == "cross"]
+            sites = [s for s in cross if self.blend.selector.match(s, run.latent_hw)]
+            if not sites:   # no layer at 1/4 of the latent: the coarsest layers play the 16x16 role
+                coarsest = max(s.ds for s in cross)
+                sites = [s for s in cross if s.ds == coarsest]
             d["blend_keys"] = {s.key for s in sites}
             ds = min(s.ds for s in sites)
             d["blend_size"] = (run.latent_hw[0] // ds, run.latent_hw[1] // ds)

@@ -1,0 +1,86 @@
+"""Writes the UI-format example workflows of the pack (run: python -m devtools.workflow_builder).
+
+A tiny graph builder: nodes with widget values and typed links, laid out left to right, saved in
+the format the ComfyUI front end saves (version 0.4)."""
+from __future__ import annotations
+
+import json
+import os
+
+from devtools.host import REPO
+
+
+class Graph:
+    def __init__(self):
+        self.nodes, self.links = [], []
+
+    def add(self, type_, widgets=(), inputs=None, outputs=(), title=None):
+        nid = len(self.nodes) + 1
+        node = {"id": nid, "type": type_, "pos": [40 + 320 * (nid - 1) % 1600, 80 + 260 * ((nid - 1) // 5)],
+                "size": [300, 160], "flags": {}, "order": nid - 1, "mode": 0,
+                "inputs": [], "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
+                                         for i, (n, t) in enumerate(outputs)],
+                "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
+        if title:
+            node["title"] = title
+        self.nodes.append(node)
+        for name, (src, slot, typ) in (inputs or {}).items():
+            lid = len(self.links) + 1
+            self.links.append([lid, src, slot, nid, len(node["inputs"]), typ])
+            node["inputs"].append({"name": name, "type": typ, "link": lid})
+            self.nodes[src - 1]["outputs"][slot]["links"].append(lid)
+        return nid
+
+    def dump(self, path):
+        wf = {"id": os.path.splitext(os.path.basename(path))[0], "revision": 0,
+              "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
+              "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+        with open(path, "w") as f:
+            json.dump(wf, f, indent=1)
+            f.write("\n")
+
+
+def loader(g):
+    return g.add("CheckpointLoaderSimple", ["v1-5-pruned-emaonly.safetensors"],
+                 outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
+
+
+def p2p(name, source, targets, mode, reweight="", blend_src="", blend_tgt=""):
+    g = Graph()
+    ck = loader(g)
+    lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    edit = g.add("AttnCtl_PromptToPrompt",
+                 [source, targets, mode, reweight, 0.8, "", 0.4, blend_src, blend_tgt, 0.3, 0.0, ""],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (lat, 0, "LATENT")},
+                 outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent", "LATENT")])
+    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
+               inputs={"model": (edit, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
+                       "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
+WORKFLOWS = {
+    "p2p_replace": lambda: p2p("p2p_replace", "a red circle and a blue square",
+                               "a green circle and a blue square\na yellow circle and a blue square", "replace"),
+    "p2p_refine": lambda: p2p("p2p_refine", "a circle", "a red circle", "refine"),
+    "p2p_reweight": lambda: p2p("p2p_reweight", "a red circle and a blue square", "", "reweight",
+                                reweight="blue: 3"),
+    "p2p_local_blend": lambda: p2p("p2p_local_blend", "a red circle and a blue square",
+                                   "a yellow circle and a blue square", "replace", blend_src="red circle",
+                                   blend_tgt="yellow circle"),
+}
+
+
+def main():
+    out_dir = os.path.join(REPO, "example_workflows")
+    for name, build in WORKFLOWS.items():
+        build().dump(os.path.join(out_dir, f"{name}.json"))
+
+
+if __name__ == "__main__":
+    main()
