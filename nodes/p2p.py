@@ -20,6 +20,11 @@ class _Prompt:
         toks = clip.tokenize(text, return_word_ids=True)
         key = "l" if "l" in toks else next(iter(toks))
         chunks = toks[key]
+        for other, och in toks.items():       # SDXL: CLIP-G must put every word at the same positions
+            if other != key and [t[0] for t in och[0]][:_content_end(chunks[0])] != \
+                    [t[0] for t in chunks[0]][:_content_end(chunks[0])]:
+                raise AttentionControlError(f"{role}: the text encoders tokenize '{text}' differently; "
+                                            "Prompt-to-Prompt cannot align its words")
         if len(chunks) != 1:
             raise AttentionControlError(
                 f"{role}: '{text[:40]}...' is longer than 75 tokens; Prompt-to-Prompt needs prompts of one chunk")
@@ -67,6 +72,12 @@ class _Prompt:
             return find_positions(self.flat, ids, word, decode=self.decode)
         except TokenError as e:
             raise AttentionControlError(f"{input_name}: {str(e).split(': ', 1)[-1]} (in the {self.role})") from None
+
+
+def _content_end(chunk) -> int:
+    """Index just past the first end token of a chunk (BOS at 0)."""
+    ids = [t[0] for t in chunk]
+    return ids.index(ids[-1], 1) + 1 if ids[-1] in ids[1:] else len(ids)
 
 
 def _parse_pairs(text: str, input_name: str, fmt: str):

@@ -43,6 +43,12 @@ def test_replace_mapper_hand_computed(clip_l):
         p2p.replace_mapper(s.groups, _Prompt(clip_l, "a big red circle", "t").groups)
 
 
+def test_words_of_weighted_prompts(clip_l):
+    p = _Prompt(clip_l, "a (red:1.2) circle, (big square:0.8)", "source")
+    assert [g[1] for g in p.groups] == [[1], [2], [3, 4], [5], [6]]       # "circle," is circle + comma
+    assert p.positions("big square", "words") == [5, 6]
+
+
 def test_refine_alignment_hand_computed(clip_l):
     s = _Prompt(clip_l, "a circle", "source")
     t = _Prompt(clip_l, "a red circle", "target")
