@@ -105,7 +105,7 @@ def _float(val: str, input_name: str, word: str) -> float:
         raise AttentionControlError(f"{input_name}: '{val}' for '{word}' is not a number") from None
 
 
-def _encode(clip, texts):
+def encode_batch(clip, texts):
     conds, pooled = [], []
     for t in texts:
         c, p = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
@@ -237,8 +237,8 @@ class PromptToPrompt(io.ComfyNode):
         m, texts = build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace, word_windows,
                              self_replace, blend_source_words, blend_target_words, blend_threshold, blend_start)
         n = len(texts)
-        positive = _encode(clip, texts)
-        negative = _encode(clip, [negative_prompt] * n)
+        positive = encode_batch(clip, texts)
+        negative = encode_batch(clip, [negative_prompt] * n)
         samples = latent["samples"]
         if samples.shape[0] != 1:
             samples = samples[:1]

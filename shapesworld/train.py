@@ -27,7 +27,7 @@ logger = logging.getLogger("shapesworld.train")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output .safetensors (EMA weights, fp16)")
-    p.add_argument("--steps", type=int, default=1100, help="optimizer steps (fixed: the LR schedule depends on it)")
+    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (fixed: the LR schedule depends on it)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=200)
@@ -118,7 +118,7 @@ def main(argv=None):
     thread_time = {n: None for n in thread_opts}
     cur_threads = thread_opts[-1]
     torch.set_num_threads(cur_threads)
-    probe_every, probe_len = 300, 3
+    probe_every, probe_len = 100, 4
 
     t_start = time.time()
     run_loss = None
@@ -151,19 +151,18 @@ def main(argv=None):
 
         dt = time.time() - ts
         prev = thread_time[cur_threads]
-        thread_time[cur_threads] = dt if prev is None else 0.8 * prev + 0.2 * dt
+        thread_time[cur_threads] = dt if prev is None else 0.7 * prev + 0.3 * dt
         if len(thread_opts) > 1 and step > 0:
-            pos = step % probe_every
-            if pos == 0 or (step < probe_len * len(thread_opts) and step % probe_len == 0):
-                # try the other setting for a few steps
-                cur_threads = thread_opts[(thread_opts.index(cur_threads) + 1) % len(thread_opts)]
-                torch.set_num_threads(cur_threads)
-            elif pos == probe_len or (step < probe_len * len(thread_opts) and step % probe_len == probe_len - 1):
+            unknown = [n for n in thread_opts if thread_time[n] is None]
+            if step % probe_every == 0 or (unknown and step % probe_len == 0):
+                # probe another setting now and then: the machine is shared and loads change
+                nxt = unknown[0] if unknown else thread_opts[(thread_opts.index(cur_threads) + 1) % len(thread_opts)]
+            else:
                 known = {n: v for n, v in thread_time.items() if v is not None}
-                best = min(known, key=known.get)
-                if best != cur_threads:
-                    cur_threads = best
-                    torch.set_num_threads(best)
+                nxt = min(known, key=known.get)
+            if nxt != cur_threads:
+                cur_threads = nxt
+                torch.set_num_threads(nxt)
 
         lv = float(per.mean())
         run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv

@@ -12,17 +12,7 @@ import comfy.sd
 import comfy.sd1_clip
 
 
-def _fill_random(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in sorted(module.named_parameters(), key=lambda t: t[0]):
-            if p.dim() >= 2:
-                fan_in = p[0].numel()
-                p.copy_(torch.randn(p.shape, generator=g) * (0.5 / fan_in ** 0.5))
-            elif name.endswith("weight"):
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.02 * torch.randn(p.shape, generator=g))
+from devtools.tiny_checkpoint import _fill_random  # noqa: E402  (one deterministic fill for every fixture)
 
 
 def _patcher(model):

@@ -19,12 +19,8 @@ def load():
 
 
 def encode(clip, texts):
-    conds, pooled = [], []
-    for t in texts:
-        c, p = clip.encode_from_tokens(clip.tokenize(t), return_pooled=True)
-        conds.append(c)
-        pooled.append(p)
-    return [[torch.cat(conds), {"pooled_output": torch.cat(pooled)} if pooled[0] is not None else {}]]
+    from attention_control.nodes.p2p import encode_batch
+    return encode_batch(clip, texts)
 
 
 def sample(model, positive, negative, latent, seed=0, steps=STEPS, cfg=CFG, sampler=SAMPLER):
