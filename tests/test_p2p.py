@@ -292,3 +292,16 @@ def test_errors_are_named(sd15, clip_l):
     m, pos, neg, lat = run_node(sd15, clip_l, "a red circle", "a blue circle")
     with pytest.raises(AttentionControlError, match="latent batch of 2"):
         M.ksample(m, pos, neg, M.latent(3, 16, 16), steps=1)
+
+
+def test_stacks_with_capture_on_one_model(sd15, clip_l):
+    from attention_control.nodes.capture import CaptureAttention
+    src, tgt = "a red circle and a blue square", "a green circle and a blue square"
+    cap = CaptureAttention.execute(sd15, clip_l, src, "circle, square", "all", 0.0, 1.0, False)
+    cap_model, handle = cap.result if hasattr(cap, "result") else cap
+    m, pos, neg, lat = run_node(cap_model, clip_l, src, tgt)
+    both = M.ksample(m, pos, neg, lat, steps=3, seed=2)
+    m_only, pos, neg, lat = run_node(sd15, clip_l, src, tgt)
+    only = M.ksample(m_only, pos, neg, lat, steps=3, seed=2)
+    assert torch.equal(both, only), "capture must not change what the edit produces"
+    assert handle.maps.shape[:2] == (2, 2)
