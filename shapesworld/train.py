@@ -35,7 +35,13 @@ def parse_args(argv=None):
     p.add_argument("--p-uncond", type=float, default=0.1, help="fraction of empty captions")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2, help="max torch threads; the run probes 1..max and keeps the faster")
-    p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting (0: plain MSE)")
+    p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting in phase 1 (0: plain MSE)")
+    p.add_argument("--phase1-steps", type=int, default=600,
+                   help="phase 1 (min-SNR weighting, LR cosine over --steps) ends here; phase 2 restarts from the "
+                        "EMA weights with a fresh optimizer and the plain epsilon MSE (cleaner low-noise denoising)")
+    p.add_argument("--lr2", type=float, default=3e-4, help="phase-2 peak learning rate")
+    p.add_argument("--warmup2", type=int, default=50)
+    p.add_argument("--resume-ema", default="", help="skip phase 1: start phase 2 from this phase-1 EMA checkpoint")
     p.add_argument("--ckpt-dir", default="/tmp/shapes_ckpt", help="periodic EMA checkpoints")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--emb-cache", default="/tmp/shapes_caption_emb.pt", help="cache of the caption embeddings ('' = none)")
@@ -120,9 +126,17 @@ def main(argv=None):
     torch.set_num_threads(cur_threads)
     probe_every, probe_len = 100, 4
 
+    first = 0
+    if args.resume_ema:
+        import safetensors.torch
+        sd = {k: v.float() for k, v in safetensors.torch.load_file(args.resume_ema).items()}
+        ema.load_state_dict(sd)
+        first = args.phase1_steps
+        logger.info("resumed phase-1 EMA weights from %s; starting at step %d", args.resume_ema, first)
+
     t_start = time.time()
     run_loss = None
-    for step in range(args.steps):
+    for step in range(first, args.steps):
         ts = time.time()
         rng = np.random.default_rng([args.seed, step])
         imgs, caps, _ = data.sample_batch(rng, args.batch)
@@ -134,8 +148,20 @@ def main(argv=None):
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * noise
 
+        if step == args.phase1_steps:
+            # phase 2: continue from the EMA weights, fresh optimizer, plain epsilon MSE
+            with torch.no_grad():
+                for pm, pe in zip(unet.parameters(), ema.parameters()):
+                    pm.copy_(pe)
+            opt = torch.optim.AdamW(unet.parameters(), lr=args.lr2, betas=(0.9, 0.999), weight_decay=0.01)
+            weight_t = torch.ones_like(snr)
+            logger.info("phase 2 from step %d: EMA weights, fresh AdamW, plain MSE", step)
+        if step < args.phase1_steps:
+            lr = lr_at(step, args.steps, args.lr, args.warmup)
+        else:
+            lr = lr_at(step - args.phase1_steps, args.steps - args.phase1_steps, args.lr2, args.warmup2)
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, args.steps, args.lr, args.warmup)
+            g["lr"] = lr
         with autocast:
             pred = unet(xt, t.float(), context=ctx)
         per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
@@ -164,13 +190,13 @@ def main(argv=None):
                 cur_threads = nxt
                 torch.set_num_threads(nxt)
 
-        lv = float(per.mean())
+        lv = float(per.detach().mean())
         run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
-        if (step + 1) % args.log_every == 0 or step == 0:
+        if (step + 1) % args.log_every == 0 or step == first:
             el = time.time() - t_start
             logger.info("step %d/%d mse %.4f (avg %.4f) lr %.2e  %.2fs/step  elapsed %.1fmin  eta %.1fmin  "
                         "threads %d %s", step + 1, args.steps, lv, run_loss, opt.param_groups[0]["lr"],
-                        el / (step + 1), el / 60, el / (step + 1) * (args.steps - step - 1) / 60, cur_threads,
+                        el / (step + 1 - first), el / 60, el / (step + 1 - first) * (args.steps - step - 1) / 60, cur_threads,
                         {n: (round(v, 2) if v else None) for n, v in thread_time.items()})
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
             path = os.path.join(args.ckpt_dir, f"ema_step{step + 1:05d}.safetensors")
