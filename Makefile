@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY = .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-fast demo bench shapes-model clean
+.PHONY: venv test test-semantic demo bench shapes-model clean
 
 venv:
 	@v=$$(bash scripts/host.sh) && ln -sfn "$$v" .venv
@@ -13,8 +13,8 @@ venv:
 test: venv
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-test-fast: venv
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS)
+test-semantic: venv
+	$(PY) -m pytest -q -s -m issue_targets tests/test_semantic_shapes.py $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m devtools.demo $(if $(CKPT),--ckpt "$(CKPT)",)
