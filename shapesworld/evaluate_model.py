@@ -155,7 +155,13 @@ def run(args) -> dict:
                 stats["clean_background"] += 1
             positions = word_token_positions(tok, cap)
             maps = store.maps[i].reshape(16, 16, -1)
+            seen = {}
             for ph in evaluate.check_caption(img, cap)["objects"]:
+                # k-th occurrence of a word in the caption -> its k-th token position
+                kc = seen.get(ph["colour"], 0)
+                ks = seen.get(ph["shape"], 0)
+                seen[ph["colour"]] = kc + 1
+                seen[ph["shape"]] = ks + 1
                 stats["objects"] += 1
                 stats["present"] += ph["present"]
                 stats["shape_ok"] += ph["shape_ok"]
@@ -164,8 +170,8 @@ def run(args) -> dict:
                     continue
                 mask = mine[0]["mask"]
                 stats["pointed"] += 1
-                cpos = positions[ph["colour"]][0]
-                spos = positions[ph["shape"]][0]
+                cpos = positions[ph["colour"]][kc]
+                spos = positions[ph["shape"]][ks]
                 stats["point_colour"] += evaluate.pointing_game(maps[..., cpos], mask)
                 stats["point_shape"] += evaluate.pointing_game(maps[..., spos], mask)
         logger.info("%d/%d samples (%.0fs)", start + b, args.n, time.time() - t0)

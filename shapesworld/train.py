@@ -3,8 +3,14 @@
     python -m shapesworld.train --out shapesworld/weights/shapes_world.safetensors [--steps N]
 
 Deterministic for a given --seed and step count (fixed torch seed, per-step numpy generators).
-CPU, bf16 autocast, 2 threads. Text-encoder outputs for every caption (and "") are computed once.
-Saves the EMA weights (fp16 safetensors) to --out, and periodic EMA checkpoints to --ckpt-dir.
+CPU, fp32 by default (--bf16 for autocast on CPUs with native bf16), up to 2 threads (the faster of
+1 and 2 is kept). Text-encoder outputs for every caption (and "") are computed once.
+Three phases, each starting from the previous phase's EMA weights with a fresh AdamW:
+  1. steps [0, 600): min-SNR-5 weighted epsilon MSE, peak lr 6e-4, warmup 200, cosine over 1200 steps
+  2. steps [600, 1200): plain epsilon MSE, peak lr 3e-4, warmup 50, cosine to 0
+  3. steps [1200, 1550): epsilon MSE x min(1 + sigma^2, 20), peak lr 2e-4, warmup 30, cosine to 0
+Saves the EMA weights (fp16 safetensors) to --out, and periodic EMA checkpoints to --ckpt-dir;
+--resume-ema/--resume-step restart at a phase boundary from such a checkpoint.
 """
 from __future__ import annotations
 
@@ -27,7 +33,7 @@ logger = logging.getLogger("shapesworld.train")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output .safetensors (EMA weights, fp16)")
-    p.add_argument("--steps", type=int, default=1200, help="optimizer steps (fixed: the LR schedule depends on it)")
+    p.add_argument("--steps", type=int, default=1550, help="total optimizer steps (fixed: the LR schedules depend on it)")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
     p.add_argument("--warmup", type=int, default=200)
@@ -41,7 +47,14 @@ def parse_args(argv=None):
                         "EMA weights with a fresh optimizer and the plain epsilon MSE (cleaner low-noise denoising)")
     p.add_argument("--lr2", type=float, default=3e-4, help="phase-2 peak learning rate")
     p.add_argument("--warmup2", type=int, default=50)
-    p.add_argument("--resume-ema", default="", help="skip phase 1: start phase 2 from this phase-1 EMA checkpoint")
+    p.add_argument("--phase2-end", type=int, default=1200, help="phase 2 ends here (its LR reaches 0)")
+    p.add_argument("--lr3", type=float, default=2e-4, help="phase-3 peak learning rate")
+    p.add_argument("--warmup3", type=int, default=30)
+    p.add_argument("--v-clamp", type=float, default=20.0,
+                   help="phase 3 weights the epsilon MSE by min(1 + sigma^2, V_CLAMP) (v-prediction-like: more "
+                        "weight on the high-noise steps that decide layout and background)")
+    p.add_argument("--resume-ema", default="", help="start at --resume-step from this EMA checkpoint (a phase boundary)")
+    p.add_argument("--resume-step", type=int, default=0)
     p.add_argument("--ckpt-dir", default="/tmp/shapes_ckpt", help="periodic EMA checkpoints")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--emb-cache", default="/tmp/shapes_caption_emb.pt", help="cache of the caption embeddings ('' = none)")
@@ -131,8 +144,10 @@ def main(argv=None):
         import safetensors.torch
         sd = {k: v.float() for k, v in safetensors.torch.load_file(args.resume_ema).items()}
         ema.load_state_dict(sd)
-        first = args.phase1_steps
-        logger.info("resumed phase-1 EMA weights from %s; starting at step %d", args.resume_ema, first)
+        first = args.resume_step
+        if first not in (args.phase1_steps, args.phase2_end):
+            raise SystemExit("--resume-step must be a phase boundary (--phase1-steps or --phase2-end)")
+        logger.info("resumed EMA weights from %s; starting at step %d", args.resume_ema, first)
 
     t_start = time.time()
     run_loss = None
@@ -148,18 +163,25 @@ def main(argv=None):
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
         xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * noise
 
-        if step == args.phase1_steps:
-            # phase 2: continue from the EMA weights, fresh optimizer, plain epsilon MSE
+        if step in (args.phase1_steps, args.phase2_end):
+            # next phase: continue from the EMA weights with a fresh optimizer and a new loss weighting
             with torch.no_grad():
                 for pm, pe in zip(unet.parameters(), ema.parameters()):
                     pm.copy_(pe)
-            opt = torch.optim.AdamW(unet.parameters(), lr=args.lr2, betas=(0.9, 0.999), weight_decay=0.01)
-            weight_t = torch.ones_like(snr)
-            logger.info("phase 2 from step %d: EMA weights, fresh AdamW, plain MSE", step)
+            if step == args.phase1_steps:
+                opt = torch.optim.AdamW(unet.parameters(), lr=args.lr2, betas=(0.9, 0.999), weight_decay=0.01)
+                weight_t = torch.ones_like(snr)
+                logger.info("phase 2 from step %d: EMA weights, fresh AdamW, plain MSE", step)
+            else:
+                opt = torch.optim.AdamW(unet.parameters(), lr=args.lr3, betas=(0.9, 0.999), weight_decay=0.01)
+                weight_t = torch.clamp(1.0 + sigmas ** 2, max=args.v_clamp)
+                logger.info("phase 3 from step %d: EMA weights, fresh AdamW, MSE x min(1+sigma^2, %g)", step, args.v_clamp)
         if step < args.phase1_steps:
-            lr = lr_at(step, args.steps, args.lr, args.warmup)
+            lr = lr_at(step, args.phase2_end, args.lr, args.warmup)
+        elif step < args.phase2_end:
+            lr = lr_at(step - args.phase1_steps, args.phase2_end - args.phase1_steps, args.lr2, args.warmup2)
         else:
-            lr = lr_at(step - args.phase1_steps, args.steps - args.phase1_steps, args.lr2, args.warmup2)
+            lr = lr_at(step - args.phase2_end, args.steps - args.phase2_end, args.lr3, args.warmup3)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
