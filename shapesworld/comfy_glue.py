@@ -143,8 +143,7 @@ def load_unet_weights(model, weights_path: str) -> None:
     import safetensors.torch
     sd = safetensors.torch.load_file(weights_path)
     sd = {k[len("diffusion_model."):] if k.startswith("diffusion_model.") else k: v.float() for k, v in sd.items()}
-    missing, unexpected = model.diffusion_model.load_state_dict(sd, strict=True), None
-    del missing, unexpected
+    model.diffusion_model.load_state_dict(sd, strict=True)
 
 
 # --------------------------------------------------------------------------------------------
