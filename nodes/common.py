@@ -19,7 +19,8 @@ def sd_tokenizer(clip):
     return tk
 
 
-def _chunks(clip, text: str):
+def chunks_of(clip, text: str):
+    """The CLIP-L (or only) tokenization of `text`: list of 77-token chunks."""
     toks = clip.tokenize(text)
     key = "l" if "l" in toks else next(iter(toks))
     return toks[key]
@@ -35,7 +36,7 @@ def resolve_words(clip, prompt: str, words: str):
         s = inv.get(t, str(t)) if inv else str(t)
         return s.replace("</w>", "")
 
-    prompt_tokens = flatten_chunks(_chunks(clip, prompt), bos, eos, pad)
+    prompt_tokens = flatten_chunks(chunks_of(clip, prompt), bos, eos, pad)
     specs = []
     items = parse_word_list(words)
     if not items:
@@ -45,7 +46,7 @@ def resolve_words(clip, prompt: str, words: str):
             if w.startswith("#"):
                 pos = parse_index_spec(w[1:], prompt_tokens.length)
             else:
-                ids = word_token_ids(_chunks(clip, w), bos, eos, pad)
+                ids = word_token_ids(chunks_of(clip, w), bos, eos, pad)
                 pos = find_positions(prompt_tokens, ids, w, decode=decode)
         except TokenError as e:
             raise AttentionControlError(str(e)) from None

@@ -8,7 +8,7 @@ from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.p2p import LocalBlendSpec, P2PController, TargetEdit, refine_mapper, replace_mapper
 from ..attention.router import attach
 from ..attention.tokens import TokenError, find_positions, flatten_chunks, parse_word_list, word_token_ids
-from .common import CATEGORY, sd_tokenizer
+from .common import CATEGORY, chunks_of, sd_tokenizer
 
 L = 77
 
@@ -41,8 +41,7 @@ class _Prompt:
         self.role = role
 
     def _word_ids(self, word: str) -> list[int]:
-        toks = self.clip.tokenize(word)
-        return word_token_ids(toks["l" if "l" in toks else next(iter(toks))], self.bos, self.eos, self.pad)
+        return word_token_ids(chunks_of(self.clip, word), self.bos, self.eos, self.pad)
 
     def _word_groups(self, text: str):
         """[(word index, positions, token ids)] of the whitespace words of the prompt (weight syntax
@@ -67,9 +66,7 @@ class _Prompt:
 
     def positions(self, word: str, input_name: str) -> list[int]:
         try:
-            toks = self.clip.tokenize(word)
-            ids = word_token_ids(toks["l" if "l" in toks else next(iter(toks))], self.bos, self.eos, self.pad)
-            return find_positions(self.flat, ids, word, decode=self.decode)
+            return find_positions(self.flat, self._word_ids(word), word, decode=self.decode)
         except TokenError as e:
             raise AttentionControlError(f"{input_name}: {str(e).split(': ', 1)[-1]} (in the {self.role})") from None
 
