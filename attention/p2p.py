@@ -21,27 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from .core import AttentionControlError, Controller, LayerSelector, Run, select_sites
-from .maps import word_maps
+from .maps import token_columns, word_maps
 
 # --------------------------------------------------------------------------------------------
 # token alignment
-
-
-def word_groups(triplets) -> list[tuple[int, list[int], list[int]]]:
-    """Group a tokenization with word ids [(token, weight, word_id), ...] (one chunk, BOS first)
-    into [(word_id, positions, token_ids)], in order; BOS/EOS/padding (word id 0) are skipped."""
-    groups: dict[int, tuple[list[int], list[int]]] = {}
-    order = []
-    for pos, t in enumerate(triplets):
-        wid = int(t[2])
-        if wid <= 0:
-            continue
-        if wid not in groups:
-            groups[wid] = ([], [])
-            order.append(wid)
-        groups[wid][0].append(pos)
-        groups[wid][1].append(int(t[0]))
-    return [(w, groups[w][0], groups[w][1]) for w in order]
 
 
 def replace_mapper(src_groups, tgt_groups, length: int = 77) -> torch.Tensor:
@@ -244,8 +227,9 @@ class P2PController(Controller):
         c = d["alpha"] * d["w"] * a
         y = (1 - d["alpha"]) * d["w"] * a + (1 - a)
         X = d["mappers"] * c[:, None, :]                   # Mapper diag(c)
-        identity_own = bool(torch.all(y == 0))
-        val = (X.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype), identity_own, bool(torch.all(c == 0)))
+        no_own, no_edit = bool(torch.all(y == 0)), bool(torch.all(c == 0))
+        passthrough = no_edit and bool(torch.all(y == 1))     # outside every window: plain attention
+        val = (X.to(device=device, dtype=dtype), y.to(device=device, dtype=dtype), no_own, no_edit, passthrough)
         d["cache"]["edit"] = (key, val)
         return val
 
@@ -269,8 +253,8 @@ class P2PController(Controller):
         # cross attention
         if self.blend is not None and call.site.key in d["blend_keys"]:
             self._accumulate_blend(q, k, call, d, src, tgt)
-        X, y, no_own, no_edit = self._edit(d, call.step, v.dtype, v.device)
-        if no_edit and not no_own and bool(torch.all(y == 1)):
+        X, y, no_own, no_edit, passthrough = self._edit(d, call.step, v.dtype, v.device)
+        if passthrough:
             return nxt(q, k, v)
         L = self.prompt_len
         K = k.shape[1]
@@ -303,12 +287,11 @@ class P2PController(Controller):
         b = self.blend
         maps = []
         for j, s in enumerate(src):
-            cols_src = b.src_positions
-            m_s = word_maps(q[s:s + 1], k[s:s + 1], call.site.heads, [_fold(cols_src, k.shape[1], self.prompt_len)])
-            maps.append(m_s)
+            cols_src = token_columns(b.src_positions, self.prompt_len, k.shape[1])
+            maps.append(word_maps(q[s:s + 1], k[s:s + 1], call.site.heads, [cols_src]))
             for t in range(n):
                 row = tgt[j * n + t]
-                cols = _fold(b.tgt_positions[t], k.shape[1], self.prompt_len)
+                cols = token_columns(b.tgt_positions[t], self.prompt_len, k.shape[1])
                 maps.append(word_maps(q[row:row + 1], k[row:row + 1], call.site.heads, [cols]))
         m = torch.cat(maps, 0).view(len(src), n + 1, call.h, call.w).mean(0)   # (n+1, h, w)
         m = F.interpolate(m[None], size=d["blend_size"], mode="bilinear", align_corners=False)[0]
@@ -347,7 +330,3 @@ class P2PController(Controller):
         self.last_blend_mask = mask
         return mix(out, mask)
 
-
-def _fold(positions, key_len, prompt_len):
-    reps = key_len // prompt_len
-    return [p + r * prompt_len for r in range(reps) for p in positions]
