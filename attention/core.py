@@ -55,19 +55,29 @@ class LayerSelector:
     """Which layers a controller acts on: parts (down/mid/up), map sides at the sampled size, and
     downscale factors. Empty sets mean "any". Text form: comma-separated `all`, `down`, `mid`,
     `up`, integers (attention-map side at the sampled latent size, e.g. 16 for SD1.5's 16x16 layers
-    at 512 px) or `1/N` (downscale factor relative to the latent)."""
+    at 512 px) or `1/N` (downscale factor relative to the latent); plain terms combine (AND across
+    kinds, OR within a kind). A term `part@side` or `part@1/N` (e.g. `up@1/4`, the form the
+    error messages list) is its own alternative: `mid, up@1/4` = the middle block OR the up
+    blocks at 1/4."""
     parts: frozenset = frozenset()
     sides: frozenset = frozenset()
     ds: frozenset = frozenset()
     text: str = "all"
+    clauses: tuple = ()          # alternatives from part@res terms
+    plain: bool = True           # whether the plain terms (or `all`) form an alternative too
 
     @classmethod
     def parse(cls, text: str, input_name: str = "layers") -> "LayerSelector":
         parts, sides, ds = set(), set(), set()
-        for term in (text or "all").replace(";", ",").split(","):
-            t = term.strip().lower()
-            if not t or t == "all":
-                continue
+        clauses = []
+        plain = False
+
+        def bad(term):
+            return AttentionControlError(
+                f"{input_name}: '{term.strip()}' is not a layer term; use all, down, mid, up, a map side "
+                "such as 16, a downscale factor such as 1/4, or part@resolution such as up@1/4 (comma-separated)")
+
+        def add_term(t, parts, sides, ds, term):
             if t in ("down", "input"):
                 parts.add("down")
             elif t in ("mid", "middle"):
@@ -79,21 +89,46 @@ class LayerSelector:
             elif t.startswith("1/") and t[2:].isdigit():
                 ds.add(int(t[2:]))
             else:
-                raise AttentionControlError(
-                    f"{input_name}: '{term.strip()}' is not a layer term; use all, down, mid, up, a map side "
-                    "such as 16, or a downscale factor such as 1/4 (comma-separated)")
-        return cls(frozenset(parts), frozenset(sides), frozenset(ds), text or "all")
+                raise bad(term)
 
-    def static_match(self, site: Site) -> bool:
+        for term in (text or "all").replace(";", ",").split(","):
+            t = term.strip().lower()
+            if not t:
+                continue
+            if "@" in t:
+                a, _, b = t.partition("@")
+                cp, cs, cd = set(), set(), set()
+                if a.strip() not in ("down", "input", "mid", "middle", "up", "output") or not b.strip():
+                    raise bad(term)
+                add_term(a.strip(), cp, cs, cd, term)
+                if b.strip() != "all":
+                    add_term(b.strip(), cp, cs, cd, term)
+                clauses.append(cls(frozenset(cp), frozenset(cs), frozenset(cd), term.strip()))
+                continue
+            plain = True
+            if t == "all":
+                continue
+            add_term(t, parts, sides, ds, term)
+        if not clauses:
+            plain = True
+        return cls(frozenset(parts), frozenset(sides), frozenset(ds), text or "all", tuple(clauses), plain)
+
+    def _own_static(self, site: Site) -> bool:
         return (not self.parts or site.part in self.parts) and (not self.ds or site.ds in self.ds)
 
-    def match(self, site: Site, latent_hw) -> bool:
-        if not self.static_match(site):
+    def _own_match(self, site: Site, latent_hw) -> bool:
+        if not self._own_static(site):
             return False
         if self.sides:
             h, w = latent_hw[0] // site.ds, latent_hw[1] // site.ds
             return h in self.sides or w in self.sides
         return True
+
+    def static_match(self, site: Site) -> bool:
+        return (self.plain and self._own_static(site)) or any(c._own_static(site) for c in self.clauses)
+
+    def match(self, site: Site, latent_hw) -> bool:
+        return (self.plain and self._own_match(site, latent_hw)) or any(c._own_match(site, latent_hw) for c in self.clauses)
 
 
 def describe_sites(sites, kind: str | None = None, latent_hw=None) -> str:
@@ -162,10 +197,13 @@ class Run:
 
 class Call:
     """What a controller knows about one attention call."""
-    __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch", "attention")
+    __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch", "attention",
+                 "guidance")
 
-    def __init__(self, site: Site, run: Run, extra: dict, n_rows: int, attention=None):
+    def __init__(self, site: Site, run: Run, extra: dict, n_rows: int, attention=None, guidance=None):
         self.site = site
+        # the state of the guidance pass this call belongs to (None in a normal sampling forward)
+        self.guidance = guidance
         # attention(q, k, v) -> output: the host's fused attention for rows of any batch size
         self.attention = attention
         self.run = run
@@ -218,6 +256,9 @@ class Controller:
     # controllers that also act on whole model calls (latent blending, ...) set this and override
     # apply_model(self, apply, x, sigma, run, cond_or_uncond) -> denoised
     wraps_model = False
+    # controllers that act on the guided prediction of a whole step (gradient guidance) set this
+    # and override guide(self, predict, x, sigma, run, passes) -> denoised
+    wraps_guider = False
 
     def __deepcopy__(self, memo):
         return self
@@ -246,6 +287,17 @@ class Controller:
 
     def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond):
         return apply(x)
+
+    def guide(self, predict, x, sigma, run: Run, passes):
+        """predict(x) -> the step's denoised prediction (CFG and every other controller included);
+        passes.cond_pass(x, state) runs a positive-only forward in which only this controller's
+        attend sees the calls (with `call.guidance` = state) and may stop it with StopForward."""
+        return predict(x)
+
+
+class StopForward(Exception):
+    """Raised by a controller inside a guidance pass once it has what it needs (skips the rest
+    of the UNet forward)."""
 
 
 class Router:

@@ -24,9 +24,12 @@ import comfy.patcher_extension as comfy_ext
 
 ROUTER_KEY = "attention_control_router"
 RUN_KEY = "attention_control_run"
+GUIDE_KEY = "attention_control_guidance"
 WRAPPER_KEY = "attention_control"
 
-from .core import (SUPPORTED_FAMILIES, AttentionControlError, Call, Controller, Router, Run, Site,
+import torch
+
+from .core import (SUPPORTED_FAMILIES, AttentionControlError, Call, Controller, Router, Run, Site, StopForward,
                    UnsupportedModelError)
 
 log = logging.getLogger("attention_control")
@@ -111,6 +114,10 @@ class RouterPatch:
         if router is None or run is None:
             return default_attention(q, k, v, extra_options, inner)
         stack = run.stacks.get((self.site.kind, self.site.key))
+        guidance = extra_options.get(GUIDE_KEY)
+        if guidance is not None and stack:
+            # a guidance pass belongs to one controller: the others neither act nor record
+            stack = tuple(c for c in stack if c is guidance.controller)
         if not stack:
             return default_attention(q, k, v, extra_options, inner)
         key = (self.site.kind, self.site.key)
@@ -121,7 +128,7 @@ class RouterPatch:
             return comfy_attention.optimized_attention(q_, k_, v_, site.heads, attn_precision=extra_options.get("attn_precision"),
                                                        transformer_options=extra_options)
 
-        call = Call(site, run, extra_options, q.shape[0], fused)
+        call = Call(site, run, extra_options, q.shape[0], fused, guidance)
 
         def run_from(i):
             if i < 0:
@@ -161,7 +168,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     run = transformer_options.get(RUN_KEY)
     router = transformer_options.get(ROUTER_KEY)
     ctrls = [c for c in router.controllers if c.wraps_model] if (run is not None and router is not None) else []
-    if not ctrls:
+    if not ctrls or transformer_options.get(GUIDE_KEY) is not None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
     cou = list(transformer_options.get("cond_or_uncond", [0]))
 
@@ -170,6 +177,59 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
             return lambda x_: executor(x_, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         below = run_from(i - 1)
         return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou)
+
+    return run_from(len(ctrls) - 1)(x)
+
+
+class GuidancePasses:
+    """What a guiding controller may run inside one step: positive-only forwards of the model."""
+
+    def __init__(self, guider, timestep, model_options: dict):
+        self.guider = guider
+        self.timestep = timestep
+        self.model_options = model_options
+
+    def cond_pass(self, x, state) -> None:
+        """One forward of the positive conditioning at `x` (gradients as enabled by the caller);
+        the calls reach only `state.controller`, which reads `call.guidance` (= state) and may end
+        the forward early with StopForward."""
+        import comfy.samplers
+        mo = dict(self.model_options)
+        to = dict(mo.get("transformer_options", {}))
+        to[GUIDE_KEY] = state
+        mo["transformer_options"] = to
+        positive = self.guider.conds.get("positive", None)
+        try:
+            comfy.samplers.calc_cond_batch(self.guider.inner_model, [positive], x, self.timestep, mo)
+        except StopForward:
+            pass
+
+    def unet_modules(self, last_site: Site | None = None) -> list:
+        """The UNet modules a forward runs up to (and including) the block of `last_site`."""
+        dm = self.guider.inner_model.diffusion_model
+        mods = [getattr(dm, n, None) for n in ("time_embed", "label_emb", "input_blocks", "middle_block")]
+        if last_site is None or last_site.block[0] == "output":
+            n_out = len(dm.output_blocks) if last_site is None else last_site.block[1] + 1
+            mods += list(dm.output_blocks[:n_out])
+        if last_site is None:
+            mods += [getattr(dm, "out", None)]
+        return [m for m in mods if m is not None]
+
+
+def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
+    to = model_options.get("transformer_options", {})
+    run = to.get(RUN_KEY)
+    router = to.get(ROUTER_KEY)
+    ctrls = [c for c in router.controllers if c.wraps_guider] if (run is not None and router is not None) else []
+    if not ctrls or to.get(GUIDE_KEY) is not None:
+        return executor(x, timestep, model_options, seed)
+    passes = GuidancePasses(executor.class_obj, timestep, model_options)
+
+    def run_from(i):
+        if i < 0:
+            return lambda x_: executor(x_, timestep, model_options, seed)
+        below = run_from(i - 1)
+        return lambda x_: ctrls[i].guide(below, x_, timestep, run, passes)
 
     return run_from(len(ctrls) - 1)(x)
 
@@ -204,6 +264,8 @@ def attach(model_patcher, controller: Controller):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
     if controller.wraps_model and not m.get_wrappers(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
+    if controller.wraps_guider and not m.get_wrappers(comfy_ext.WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
+        m.add_wrapper_with_key(comfy_ext.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
     return m
 
 

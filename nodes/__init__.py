@@ -2,5 +2,5 @@
 
 
 def all_nodes():
-    from . import capture, p2p, shapes_world
-    return [*capture.NODES, *p2p.NODES, *shapes_world.NODES]
+    from . import capture, layout, p2p, shapes_world
+    return [*capture.NODES, *p2p.NODES, *layout.NODES, *shapes_world.NODES]

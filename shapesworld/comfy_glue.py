@@ -1,6 +1,6 @@
 """ComfyUI glue for the shapes-world model: MODEL, CLIP and VAE objects that stock nodes accept.
 
-- UNet: ComfyUI's own ``UNetModel`` through a ``supported_models_base.BASE`` config (EPS, SD1.5
+- UNet: ComfyUI's own ``UNetModel`` through a ``supported_models_base.BASE`` config (v-prediction, SD1.5
   sampling settings: scaled-linear betas 0.00085..0.012, 1000 steps). Spatial transformers at
   16x16, 8x8 (and the middle block, 8x8) for a 32x32 latent.
 - Latent: 4 channels = RGB in [-1, 1] plus a zero 4th channel, one latent pixel per image pixel
@@ -95,10 +95,21 @@ class ShapesWorldConfig(comfy.supported_models_base.BASE):
     sampling_settings = {"beta_schedule": "linear", "linear_start": 0.00085, "linear_end": 0.012, "timesteps": 1000}
     memory_usage_factor = 1.0
     supported_inference_dtypes = [torch.float32]
+    prediction = "v"
+
+    def model_type(self, state_dict, prefix=""):
+        import comfy.model_base
+        return comfy.model_base.ModelType.V_PREDICTION if self.prediction == "v" else comfy.model_base.ModelType.EPS
 
 
-def _model_config() -> ShapesWorldConfig:
+PREDICTIONS = ("v", "eps")
+
+
+def _model_config(prediction: str = "v") -> ShapesWorldConfig:
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"prediction must be one of {PREDICTIONS}, got {prediction!r}")
     cfg = ShapesWorldConfig(dict(UNET_CONFIG))
+    cfg.prediction = prediction
     cfg.set_inference_dtype(torch.float32, None)
     return cfg
 
@@ -121,13 +132,14 @@ def _init_unet_weights(unet: torch.nn.Module, seed: int) -> None:
         torch.random.set_rng_state(g_state)
 
 
-def build_unet_model(seed: int | None = None):
-    """A ``comfy.model_base.BaseModel`` (EPS) with the shapes-world UNet on the CPU, fp32.
+def build_unet_model(seed: int | None = None, prediction: str = "v"):
+    """A ``comfy.model_base.BaseModel`` (v-prediction by default, or EPS) with the shapes-world
+    UNet on the CPU, fp32.
 
     With ``seed`` the weights get a deterministic default init (for training); without it the
     weights are left to be loaded.
     """
-    cfg = _model_config()
+    cfg = _model_config(prediction)
     model = cfg.get_model({}, device=torch.device("cpu"))
     model.diffusion_model.to(torch.float32)
     if seed is not None:
@@ -137,6 +149,14 @@ def build_unet_model(seed: int | None = None):
 
 def unet_state_dict(model) -> dict:
     return {k: v.detach().clone() for k, v in model.diffusion_model.state_dict().items()}
+
+
+def weights_prediction(weights_path: str) -> str:
+    """The prediction type recorded in a weights file's metadata ("eps" for files without one)."""
+    import safetensors
+    with safetensors.safe_open(weights_path, framework="pt") as f:
+        meta = f.metadata() or {}
+    return meta.get("prediction", "eps")
 
 
 def load_unet_weights(model, weights_path: str) -> None:
@@ -285,7 +305,7 @@ def load_shapes_world(weights_path: str | None = None):
     path = weights_path or DEFAULT_WEIGHTS
     if not os.path.exists(path):
         raise FileNotFoundError(f"shapes-world weights not found at {path}: run `make shapes-model`")
-    model = build_unet_model(seed=None)
+    model = build_unet_model(seed=None, prediction=weights_prediction(path))
     load_unet_weights(model, path)
     patcher = comfy.model_patcher.ModelPatcher(
         model, load_device=comfy.model_management.get_torch_device(),

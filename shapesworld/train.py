@@ -5,12 +5,13 @@
 Deterministic for a given --seed and step count (fixed torch seed, per-step numpy generators).
 CPU, fp32 by default (--bf16 for autocast on CPUs with native bf16), up to 2 threads (the faster of
 1 and 2 is kept). Text-encoder outputs for every caption (and "") are computed once.
-Three phases, each starting from the previous phase's EMA weights with a fresh AdamW:
-  1. steps [0, 600): min-SNR-5 weighted epsilon MSE, peak lr 6e-4, warmup 200, cosine over 1200 steps
-  2. steps [600, 1200): plain epsilon MSE, peak lr 3e-4, warmup 50, cosine to 0
-  3. steps [1200, 1550): epsilon MSE x min(1 + sigma^2, 20), peak lr 2e-4, warmup 30, cosine to 0
-Saves the EMA weights (fp16 safetensors) to --out, and periodic EMA checkpoints to --ckpt-dir;
---resume-ema/--resume-step restart at a phase boundary from such a checkpoint.
+
+Recipe (one phase): v-prediction with the plain v MSE (on the epsilon scale this weights step t by
+1 + sigma_t^2, so the high-noise steps that decide colour, layout and background count, and the
+network never has to amplify an epsilon error by sigma to get the image), timesteps drawn half
+uniform and half logit-normal (mid-noise steps, where shapes form, are seen twice as often), AdamW
+peak lr 1e-3 with warmup and cosine decay to 0, grad clip 1, EMA 0.998 (the EMA weights are saved,
+fp16, with the prediction type in the metadata). Periodic EMA checkpoints go to --ckpt-dir.
 """
 from __future__ import annotations
 
@@ -33,28 +34,16 @@ logger = logging.getLogger("shapesworld.train")
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="output .safetensors (EMA weights, fp16)")
-    p.add_argument("--steps", type=int, default=1550, help="total optimizer steps (fixed: the LR schedules depend on it)")
+    p.add_argument("--steps", type=int, default=2200, help="total optimizer steps (fixed: the LR schedule depends on it)")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--lr", type=float, default=6e-4, help="peak learning rate")
-    p.add_argument("--warmup", type=int, default=200)
-    p.add_argument("--ema", type=float, default=0.995)
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate")
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--ema", type=float, default=0.998)
     p.add_argument("--p-uncond", type=float, default=0.1, help="fraction of empty captions")
+    p.add_argument("--p-logit-normal", type=float, default=0.5,
+                   help="fraction of timesteps drawn logit-normal(0, 1) instead of uniform")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2, help="max torch threads; the run probes 1..max and keeps the faster")
-    p.add_argument("--min-snr", type=float, default=5.0, help="min-SNR-gamma loss weighting in phase 1 (0: plain MSE)")
-    p.add_argument("--phase1-steps", type=int, default=600,
-                   help="phase 1 (min-SNR weighting, LR cosine over --steps) ends here; phase 2 restarts from the "
-                        "EMA weights with a fresh optimizer and the plain epsilon MSE (cleaner low-noise denoising)")
-    p.add_argument("--lr2", type=float, default=3e-4, help="phase-2 peak learning rate")
-    p.add_argument("--warmup2", type=int, default=50)
-    p.add_argument("--phase2-end", type=int, default=1200, help="phase 2 ends here (its LR reaches 0)")
-    p.add_argument("--lr3", type=float, default=2e-4, help="phase-3 peak learning rate")
-    p.add_argument("--warmup3", type=int, default=30)
-    p.add_argument("--v-clamp", type=float, default=20.0,
-                   help="phase 3 weights the epsilon MSE by min(1 + sigma^2, V_CLAMP) (v-prediction-like: more "
-                        "weight on the high-noise steps that decide layout and background)")
-    p.add_argument("--resume-ema", default="", help="start at --resume-step from this EMA checkpoint (a phase boundary)")
-    p.add_argument("--resume-step", type=int, default=0)
     p.add_argument("--ckpt-dir", default="/tmp/shapes_ckpt", help="periodic EMA checkpoints")
     p.add_argument("--ckpt-every", type=int, default=100)
     p.add_argument("--emb-cache", default="/tmp/shapes_caption_emb.pt", help="cache of the caption embeddings ('' = none)")
@@ -68,7 +57,8 @@ def save_unet(state: dict, path: str, step: int):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
     tmp = path + ".tmp"
-    safetensors.torch.save_file(sd, tmp, metadata={"format": "pt", "model": "shapes_world", "step": str(step)})
+    safetensors.torch.save_file(sd, tmp, metadata={"format": "pt", "model": "shapes_world", "step": str(step),
+                                                   "prediction": "v"})
     os.replace(tmp, path)
 
 
@@ -90,7 +80,7 @@ def main(argv=None):
     from . import comfy_glue, data
 
     torch.manual_seed(args.seed)
-    model = comfy_glue.build_unet_model(seed=args.seed)
+    model = comfy_glue.build_unet_model(seed=args.seed, prediction="v")
     unet = model.diffusion_model
     unet.train()
     for p in unet.parameters():
@@ -129,8 +119,6 @@ def main(argv=None):
     opt = torch.optim.AdamW(unet.parameters(), lr=args.lr, betas=(0.9, 0.999), weight_decay=0.01)
     autocast = (torch.autocast("cpu", dtype=torch.bfloat16) if args.bf16
                 else torch.autocast("cpu", enabled=False))
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
-    weight_t = (torch.clamp(snr, max=args.min_snr) / snr) if args.min_snr > 0 else torch.ones_like(snr)
 
     # thread count: on a shared machine 2 threads can be 3x slower than 1; probe and keep the faster
     thread_opts = list(range(1, max(1, args.threads) + 1))
@@ -140,15 +128,6 @@ def main(argv=None):
     probe_every, probe_len = 100, 4
 
     first = 0
-    if args.resume_ema:
-        import safetensors.torch
-        sd = {k: v.float() for k, v in safetensors.torch.load_file(args.resume_ema).items()}
-        ema.load_state_dict(sd)
-        first = args.resume_step
-        if first not in (args.phase1_steps, args.phase2_end):
-            raise SystemExit("--resume-step must be a phase boundary (--phase1-steps or --phase2-end)")
-        logger.info("resumed EMA weights from %s; starting at step %d", args.resume_ema, first)
-
     t_start = time.time()
     run_loss = None
     for step in range(first, args.steps):
@@ -159,41 +138,28 @@ def main(argv=None):
         idx[rng.random(args.batch) < args.p_uncond] = 0
         x0 = comfy_glue.rgb_to_latent(torch.from_numpy(imgs))
         ctx = table[torch.from_numpy(idx)]
-        t = torch.from_numpy(rng.integers(0, 1000, size=args.batch))
+        t_uni = rng.integers(0, 1000, size=args.batch)
+        t_ln = np.clip((1000.0 / (1.0 + np.exp(-rng.standard_normal(args.batch)))).astype(np.int64), 0, 999)
+        t = torch.from_numpy(np.where(rng.random(args.batch) < args.p_logit_normal, t_ln, t_uni))
         noise = torch.from_numpy(rng.standard_normal(x0.shape).astype(np.float32))
-        xt = sqrt_ac[t].view(-1, 1, 1, 1) * x0 + sqrt_1mac[t].view(-1, 1, 1, 1) * noise
+        a = sqrt_ac[t].view(-1, 1, 1, 1)
+        b = sqrt_1mac[t].view(-1, 1, 1, 1)
+        xt = a * x0 + b * noise
+        target = a * noise - b * x0  # v: ComfyUI's V_PREDICTION denoised = x0 exactly for this output
 
-        if step in (args.phase1_steps, args.phase2_end):
-            # next phase: continue from the EMA weights with a fresh optimizer and a new loss weighting
-            with torch.no_grad():
-                for pm, pe in zip(unet.parameters(), ema.parameters()):
-                    pm.copy_(pe)
-            if step == args.phase1_steps:
-                opt = torch.optim.AdamW(unet.parameters(), lr=args.lr2, betas=(0.9, 0.999), weight_decay=0.01)
-                weight_t = torch.ones_like(snr)
-                logger.info("phase 2 from step %d: EMA weights, fresh AdamW, plain MSE", step)
-            else:
-                opt = torch.optim.AdamW(unet.parameters(), lr=args.lr3, betas=(0.9, 0.999), weight_decay=0.01)
-                weight_t = torch.clamp(1.0 + sigmas ** 2, max=args.v_clamp)
-                logger.info("phase 3 from step %d: EMA weights, fresh AdamW, MSE x min(1+sigma^2, %g)", step, args.v_clamp)
-        if step < args.phase1_steps:
-            lr = lr_at(step, args.phase2_end, args.lr, args.warmup)
-        elif step < args.phase2_end:
-            lr = lr_at(step - args.phase1_steps, args.phase2_end - args.phase1_steps, args.lr2, args.warmup2)
-        else:
-            lr = lr_at(step - args.phase2_end, args.steps - args.phase2_end, args.lr3, args.warmup3)
+        lr = lr_at(step, args.steps, args.lr, args.warmup)
         for g in opt.param_groups:
             g["lr"] = lr
         with autocast:
             pred = unet(xt, t.float(), context=ctx)
-        per = ((pred.float() - noise) ** 2).mean(dim=(1, 2, 3))
-        loss = (per * weight_t[t]).mean()
+        per = ((pred.float() - target) ** 2).mean(dim=(1, 2, 3))
+        loss = per.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
         with torch.no_grad():
-            d = args.ema if step >= args.warmup else 0.0
+            d = min(args.ema, (1.0 + step) / (10.0 + step))
             for pe, pm in zip(ema.parameters(), unet.parameters()):
                 pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
 

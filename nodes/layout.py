@@ -1,0 +1,146 @@
+"""Nodes: AttnCtl_Boxes, AttnCtl_BoxesToMask, AttnCtl_LayoutGuidance."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.core import AttentionControlError, LayerSelector
+from ..attention.layout import DEFAULT_LAYERS, LayoutController, LayoutObject, boxes_to_masks, parse_boxes
+from ..attention.router import attach
+from ..attention.tokens import flatten_chunks
+from .common import CATEGORY, chunks_of, resolve_words, sd_tokenizer
+
+BoxesType = io.Custom("BOXES")
+
+SPECIAL_TOKENS = ["none", "end", "start+end"]
+
+
+class Boxes(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_Boxes",
+            display_name="Boxes (phrase layout)",
+            category=f"{CATEGORY}/layout",
+            description="Named boxes, each bound to a phrase of the prompt, for layout guidance and region nodes.",
+            inputs=[
+                io.String.Input("boxes", multiline=True, default="red circle: 0.05,0.05,0.5,0.5",
+                                tooltip="One box per line as 'phrase: x0,y0,x1,y1' (left, top, right, bottom), or "
+                                        "the box editor's JSON [{\"phrase\": ..., \"box\": [x0,y0,x1,y1]}]."),
+                io.Combo.Input("units", options=["fraction", "pixels"], default="fraction",
+                               tooltip="fraction: coordinates in [0, 1] of the image; pixels: of width x height."),
+                io.Int.Input("width", default=512, min=8, max=16384, step=8,
+                             tooltip="Image width in pixels (pixel units and the editor's canvas)."),
+                io.Int.Input("height", default=512, min=8, max=16384, step=8,
+                             tooltip="Image height in pixels (pixel units and the editor's canvas)."),
+            ],
+            outputs=[BoxesType.Output(display_name="boxes")],
+        )
+
+    @classmethod
+    def execute(cls, boxes, units, width, height):
+        return io.NodeOutput(parse_boxes(boxes, units, width, height))
+
+
+class BoxesToMask(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_BoxesToMask",
+            display_name="Boxes to Mask",
+            category=f"{CATEGORY}/layout",
+            description="Rasterises boxes into MASKs (one per box, or their union) for other nodes.",
+            inputs=[
+                BoxesType.Input("boxes", tooltip="The BOXES output of the Boxes node."),
+                io.Int.Input("width", default=512, min=1, max=16384, tooltip="Mask width in pixels."),
+                io.Int.Input("height", default=512, min=1, max=16384, tooltip="Mask height in pixels."),
+                io.Int.Input("index", default=-1, min=-1, max=255,
+                             tooltip="-1: one mask per box (a batch, in box order); -2 is not used; "
+                                     "0, 1, ...: only that box."),
+                io.Boolean.Input("union", default=False, tooltip="Merge all selected boxes into one mask."),
+            ],
+            outputs=[io.Mask.Output(display_name="mask")],
+        )
+
+    @classmethod
+    def execute(cls, boxes, width, height, index, union):
+        if index >= len(boxes):
+            raise AttentionControlError(f"index: {index} but there are only {len(boxes)} boxes (0..{len(boxes) - 1})")
+        sel = list(boxes) if index < 0 else [boxes[index]]
+        masks = boxes_to_masks(sel, height, width)
+        if union:
+            masks = masks.amax(0, keepdim=True)
+        return io.NodeOutput(masks)
+
+
+def _special_positions(clip, prompt: str, which: str) -> list[int]:
+    if which == "none":
+        return []
+    st = sd_tokenizer(clip)
+    flat = flatten_chunks(chunks_of(clip, prompt), getattr(st, "start_token", None), getattr(st, "end_token", None),
+                          getattr(st, "pad_token", None))
+    content = flat.content_positions()
+    end = (content[-1] + 1) if content else 1
+    return ([0] if which == "start+end" else []) + [end]
+
+
+class LayoutGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_LayoutGuidance",
+            display_name="Layout Guidance (boxes)",
+            category=f"{CATEGORY}/layout",
+            description="Training-free layout control (Chen et al. 2023): moves each phrase into its box during the "
+                        "first steps, by gradient guidance on a cross-attention box energy (backward) and/or by "
+                        "biasing the phrase's attention toward its box (forward). Works with every sampler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample with; it is cloned, the input stays unpatched."),
+                io.Clip.Input("clip", tooltip="The CLIP of the model; its tokenizer finds each box's phrase."),
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="The positive prompt. Sample with this node's conditioning output (or encode "
+                                        "exactly this text)."),
+                BoxesType.Input("boxes", tooltip="BOXES from the Boxes node; each phrase must occur in the prompt."),
+                io.Combo.Input("mode", options=["backward", "forward", "both"], default="backward",
+                               tooltip="backward: gradient guidance of the latent (the paper's main method); "
+                                       "forward: bias the phrase attention toward its box (no gradients, cheap)."),
+                io.Float.Input("strength", default=30.0, min=0.0, max=1000.0, step=1.0,
+                               tooltip="Loss scale of backward guidance (paper: 30). 0 turns it off."),
+                io.Int.Input("iterations", default=5, min=0, max=50,
+                             tooltip="Gradient updates per guided step at most (paper: 5)."),
+                io.Float.Input("energy_threshold", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Stop updating a step once the box energy is below this (paper: 0.2)."),
+                io.Float.Input("guided_steps", default=0.2, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps that are guided, from the start (paper: 10 of 50)."),
+                io.Float.Input("forward_strength", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Forward mode: how much of each phrase's attention moves to its box window."),
+                io.String.Input("layers", default="auto",
+                                tooltip="Cross-attention layers of the energy. auto = 'mid, up@1/4': the middle block "
+                                        "and the first up level with attention (SD1.x: 8x8 + three 16x16 maps at "
+                                        "512 px; SDXL: the 32x32 middle and first up level at 1024 px)."),
+                io.Combo.Input("special_tokens", options=SPECIAL_TOKENS, default="none",
+                               tooltip="Also guide the end token (or start and end tokens), which carry layout "
+                                       "information; best with a single box."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, prompt, boxes, mode, strength, iterations, energy_threshold, guided_steps,
+                forward_strength, layers, special_tokens):
+        if not prompt.strip():
+            raise AttentionControlError("prompt: give the positive prompt that contains the boxes' phrases")
+        phrases = ",".join(b.phrase.replace(",", " ") for b in boxes)
+        specs, prompt_len = resolve_words(clip, prompt, phrases)
+        extra = _special_positions(clip, prompt, special_tokens)
+        objects = [LayoutObject(b, list(s.positions) + [p for p in extra if p not in s.positions])
+                   for b, s in zip(boxes, specs)]
+        selector = LayerSelector.parse(DEFAULT_LAYERS if layers.strip().lower() in ("", "auto") else layers)
+        ctrl = LayoutController(objects, prompt_len, selector, mode, strength, iterations, energy_threshold,
+                                guided_steps, forward_strength)
+        tokens = clip.tokenize(prompt)
+        positive = clip.encode_from_tokens_scheduled(tokens)
+        return io.NodeOutput(attach(model, ctrl), positive)
+
+
+NODES = [Boxes, BoxesToMask, LayoutGuidance]
