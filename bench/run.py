@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-MODULES = ["bench.capture", "bench.p2p"]
+MODULES = ["bench.capture", "bench.p2p", "bench.layout"]
 
 
 def main() -> int:
