@@ -3,7 +3,8 @@
 Model: a tiny random SD1.5-shaped UNet with four levels (channel_mult 1,2,2,2; attention at 1/2,
 1/4 and the 1/8 middle block, none at full resolution), 64x64 latent, one prompt, cfg 7, euler.
 Its weights are made inference tensors, as ComfyUI's loaders leave them when a workflow runs, so
-the temporary autograd copy of the guided blocks is part of what is measured.
+the way backward guidance gets gradients through them is part of what is measured (default:
+weight references, no copy; layout_iter_mem_ratio_copy reports the copy alternative).
 Guidance: one box over the left half for tokens 2-3, the default layers (mid, up@1/4).
 
 - iter time: (guided run - plain run) / plain run, with every step guided by exactly one
@@ -68,6 +69,8 @@ def time_case(backend, which, pairs):
 def mem_case(backend, which):
     _, M, model, pos, neg, lat = _setup(backend)
     gm, ctrl = guided_model(model, 1, 0.0, 1.0)
+    if which == "guided_copy":
+        ctrl.weights = "copy"
     m = model if which == "plain" else gm
     with torch.inference_mode():
         M.ksample(model, pos, neg, lat, steps=1, cfg=7.0)
@@ -85,7 +88,7 @@ def collect(quick=False):
         it = common.run_child("bench.layout", "time", backend, "iter", pairs)
         rt = common.run_child("bench.layout", "time", backend, "run", pairs)
         mem = {w: min(common.run_child("bench.layout", "mem", backend, w, env_extra=env)["extra_mb"]
-                      for _ in range(1 if quick else 2)) for w in ("plain", "guided")}
+                      for _ in range(1 if quick else 2)) for w in ("plain", "guided", "guided_copy")}
         settings = (f"tiny SD1.5-shaped UNet (4 levels, attention at 32x32, 16x16, 8x8 mid), 64x64 latent, "
                     f"inference-tensor weights, attention={it['attention']}")
         iter_ratio = it["ratio"] - 1.0            # (1 CFG step + 1 iteration) / (1 CFG step) - 1
@@ -98,6 +101,10 @@ def collect(quick=False):
             "value": round(mem_ratio, 4), "target": 2.5, "unit": "x",
             "settings": settings + f", 1-step run with one iteration vs 1-step plain run: extra peak RSS "
                                    f"{mem['guided']:.1f} MB / {mem['plain']:.1f} MB"}
+        out[f"layout_iter_mem_ratio_copy[{backend}]"] = {
+            "value": round(mem["guided_copy"] / max(mem["plain"], 1e-6), 4), "target": None, "unit": "x",
+            "settings": settings + f", as layout_iter_mem_ratio with weights=copy (temporary copy of the guided "
+                                   f"blocks instead of weight references): {mem['guided_copy']:.1f} MB"}
         out[f"layout_run_time_ratio[{backend}]"] = {
             "value": round(rt["ratio"], 4), "target": 3.0, "unit": "x",
             "settings": settings + f", 50 euler steps, strength 30, <= 5 iterations while E > 0.2 in the first 10 "
@@ -116,7 +123,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("what", choices=["time", "mem"])
     ap.add_argument("backend", choices=["subquad", "sdpa"])
-    ap.add_argument("which", choices=["iter", "run", "plain", "guided"])
+    ap.add_argument("which", choices=["iter", "run", "plain", "guided", "guided_copy"])
     ap.add_argument("pairs", type=int, nargs="?", default=3)
     a = ap.parse_args()
     res = time_case(a.backend, a.which, a.pairs) if a.what == "time" else mem_case(a.backend, a.which)

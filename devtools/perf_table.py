@@ -14,7 +14,7 @@ def table(results: dict) -> str:
     rows = ["| figure | value | target | measured on |", "| --- | --- | --- | --- |"]
     for name in sorted(results):
         r = results[name]
-        rows.append(f"| `{name}` | {r['value']} {r.get('unit', '')} | {r['target']} | {r.get('settings', '')} |")
+        rows.append(f"| `{name}` | {r['value']} {r.get('unit', '')} | {r['target'] if r['target'] is not None else 'report'} | {r.get('settings', '')} |")
     return "\n".join(rows)
 
 

@@ -64,7 +64,27 @@ def p2p(name, source, targets, mode, reweight="", blend_src="", blend_tgt=""):
     return g
 
 
+def layout(name, prompt, box_text, mode="backward"):
+    g = Graph()
+    ck = loader(g)
+    bx = g.add("AttnCtl_Boxes", [box_text, "fraction", 256, 256], outputs=[("boxes", "BOXES")])
+    guide = g.add("AttnCtl_LayoutGuidance", [prompt, mode, 30.0, 5, 0.2, 0.2, 0.5, "auto", "none"],
+                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "boxes": (bx, 0, "BOXES")},
+                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
+               inputs={"model": (guide, 0, "MODEL"), "positive": (guide, 1, "CONDITIONING"),
+                       "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
 WORKFLOWS = {
+    "layout_guidance": lambda: layout("layout_guidance", "a red circle", "red circle: 0.0,0.0,0.5,0.5"),
     "p2p_replace": lambda: p2p("p2p_replace", "a red circle and a blue square",
                                "a green circle and a blue square\na yellow circle and a blue square", "replace"),
     "p2p_refine": lambda: p2p("p2p_refine", "a circle", "a red circle", "refine"),

@@ -166,7 +166,8 @@ def _weights_inference(model):
     return dm
 
 
-def test_guided_run_leaves_the_model_untouched(clip_l):
+@pytest.mark.parametrize("weights", ["reference", "copy"])
+def test_guided_run_leaves_the_model_untouched(clip_l, weights):
     model = M.tiny_sd15(seed=99)
     dm = _weights_inference(model)
     assert all(p.is_inference() for p in dm.parameters())
@@ -174,17 +175,42 @@ def test_guided_run_leaves_the_model_untouched(clip_l):
     neg = clip_l.encode_from_tokens_scheduled(clip_l.tokenize(""))
     before = {n: (p, p.clone()) for n, p in dm.named_parameters()}
     ref = M.ksample(model, pos, neg, M.latent(1, 16, 16), steps=3)
-    m, _ = guided(model, clip_l, "red circle: 0,0,0.5,0.5", strength=1.0, iterations=2, thr=0.0, frac=0.67)
+    m, _ = guided(model, clip_l, "red circle: 0,0,0.5,0.5", strength=30.0, iterations=2, thr=0.0, frac=0.67)
+    ctrl = controller_of(m)
+    ctrl.weights = weights
     with torch.inference_mode():
         out = M.ksample(m, pos, neg, M.latent(1, 16, 16), steps=3)
     assert not torch.equal(out, ref)
-    ctrl = controller_of(m)
     assert len(ctrl.last_energy_log) == 2
+    assert ctrl.last_energy_log[0][1][1][0] < ctrl.last_energy_log[0][1][0][0]
+    n_bytes = sum(p.numel() * p.element_size() for p in dm.parameters())
+    if weights == "copy":                       # the blocks up to the last guided layer were copied
+        assert 0.3 * n_bytes < ctrl.last_weight_bytes < n_bytes
+    else:
+        assert ctrl.last_weight_bytes == 0
     for n, p in dm.named_parameters():
         assert p is before[n][0] and torch.equal(p, before[n][1]) and p.is_inference(), n
     assert not any(isinstance(c, L.LayoutController) for c in getattr(
         model.model_options.get("transformer_options", {}).get("attention_control_router"), "controllers", ()))
     assert torch.equal(M.ksample(model, pos, neg, M.latent(1, 16, 16), steps=3), ref)
+
+
+def test_weight_references_give_the_same_gradient_as_copies(clip_l):
+    model = M.tiny_sd15(seed=98)
+    _weights_inference(model)
+    pos = clip_l.encode_from_tokens_scheduled(clip_l.tokenize(PROMPT))
+    neg = clip_l.encode_from_tokens_scheduled(clip_l.tokenize(""))
+    outs, logs = [], []
+    for weights in ("reference", "copy"):
+        m, _ = guided(model, clip_l, "red circle: 0,0,0.5,0.5\nblue square: 0.5,0,1,1", strength=30.0,
+                      iterations=3, thr=0.0, frac=0.5)
+        controller_of(m).weights = weights
+        with torch.inference_mode():
+            outs.append(M.ksample(m, pos, neg, M.latent(1, 16, 16), steps=4))
+        logs.append(controller_of(m).last_energy_log)
+    assert torch.allclose(outs[0], outs[1], atol=1e-4, rtol=1e-4)
+    for (s0, it0), (s1, it1) in zip(*logs):
+        assert s0 == s1 and [e[0] for e in it0] == pytest.approx([e[0] for e in it1], rel=1e-5)
 
 
 @pytest.mark.parametrize("sampler", ["euler", "euler_ancestral", "dpmpp_2m", "dpmpp_sde", "ddim", "uni_pc"])
