@@ -157,6 +157,17 @@ def select_sites(sites, selector: LayerSelector, kind: str, latent_hw=None, inpu
     return chosen
 
 
+def sites_or_coarsest(sites, selector: LayerSelector, latent_hw, kind: str = "cross") -> list[Site]:
+    """Sites of `kind` that `selector` picks at this latent size; when it picks none (a model
+    without layers at that resolution), the coarsest layers of that kind play their role."""
+    of_kind = [s for s in sites if s.kind == kind]
+    chosen = [s for s in of_kind if selector.match(s, latent_hw)]
+    if not chosen and of_kind:
+        coarsest = max(s.ds for s in of_kind)
+        chosen = [s for s in of_kind if s.ds == coarsest]
+    return chosen
+
+
 # --------------------------------------------------------------------------------------------
 # per-run state and per-call view
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .core import AttentionControlError, Controller, LayerSelector, Run, select_sites
+from .core import AttentionControlError, Controller, LayerSelector, Run, select_sites, sites_or_coarsest
 from .maps import token_columns, word_maps
 
 # --------------------------------------------------------------------------------------------
@@ -206,11 +206,8 @@ class P2PController(Controller):
         d["self_steps"] = self_window(S, self.self_fraction)
         d["cache"] = {}
         if self.blend is not None:
-            cross = [s for s in run.router.sites if s.kind == "cross"]
-            sites = [s for s in cross if self.blend.selector.match(s, run.latent_hw)]
-            if not sites:   # no layer at 1/4 of the latent: the coarsest layers play the 16x16 role
-                coarsest = max(s.ds for s in cross)
-                sites = [s for s in cross if s.ds == coarsest]
+            # no layer at 1/4 of the latent: the coarsest layers play the 16x16 role
+            sites = sites_or_coarsest(run.router.sites, self.blend.selector, run.latent_hw)
             d["blend_keys"] = {s.key for s in sites}
             ds = min(s.ds for s in sites)
             d["blend_size"] = (run.latent_hw[0] // ds, run.latent_hw[1] // ds)

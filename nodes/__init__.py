@@ -2,5 +2,5 @@
 
 
 def all_nodes():
-    from . import capture, layout, p2p, shapes_world
-    return [*capture.NODES, *p2p.NODES, *layout.NODES, *shapes_world.NODES]
+    from . import capture, inversion, layout, masactrl, p2p, shapes_world
+    return [*capture.NODES, *p2p.NODES, *layout.NODES, *masactrl.NODES, *inversion.NODES, *shapes_world.NODES]

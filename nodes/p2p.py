@@ -118,6 +118,23 @@ def encode_batch(clip, texts):
     return [[cond, extra]]
 
 
+def edit_batch(clip, latent: dict, texts: list[str], negative_prompt: str):
+    """The batch of an edit [source, target...]: positive (one prompt per item), negative, and the
+    latent repeated with one shared noise (batch_index 0 for every item: KSampler / SamplerCustom
+    draw the same noise; SamplerCustomAdvanced takes AttnCtl_SharedNoise)."""
+    n = len(texts)
+    positive = encode_batch(clip, texts)
+    negative = encode_batch(clip, [negative_prompt] * n)
+    samples = latent["samples"]
+    if samples.shape[0] != 1:
+        samples = samples[:1]
+    out = dict(latent)
+    out["samples"] = samples.repeat(n, *([1] * (samples.dim() - 1)))
+    out["batch_index"] = [0] * n
+    out.pop("noise_mask", None)
+    return positive, negative, out
+
+
 def build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace, word_windows,
               self_replace, blend_source_words, blend_target_words, blend_threshold, blend_start):
     src = _Prompt(clip, source_prompt, "source_prompt")
@@ -233,17 +250,7 @@ class PromptToPrompt(io.ComfyNode):
                 negative_prompt):
         m, texts = build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace, word_windows,
                              self_replace, blend_source_words, blend_target_words, blend_threshold, blend_start)
-        n = len(texts)
-        positive = encode_batch(clip, texts)
-        negative = encode_batch(clip, [negative_prompt] * n)
-        samples = latent["samples"]
-        if samples.shape[0] != 1:
-            samples = samples[:1]
-        out = dict(latent)
-        out["samples"] = samples.repeat(n, *([1] * (samples.dim() - 1)))
-        out["batch_index"] = [0] * n                      # same noise for every item (KSampler, SamplerCustom)
-        out.pop("noise_mask", None)
-        return io.NodeOutput(m, positive, negative, out)
+        return io.NodeOutput(m, *edit_batch(clip, latent, texts, negative_prompt))
 
 
 class _SharedNoise:

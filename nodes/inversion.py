@@ -1,0 +1,69 @@
+"""Nodes: AttnCtl_DDIMInversion, AttnCtl_ReplaySource."""
+from __future__ import annotations
+
+import comfy.samplers
+import latent_preview
+from comfy_api.latest import io
+
+from ..attention.core import AttentionControlError
+from ..attention.replay import ReplayController
+from ..attention.router import attach
+from ..samplers.inversion import ddim_invert
+
+TrajectoryType = io.Custom("TRAJECTORY")
+
+
+class DDIMInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_DDIMInversion",
+            display_name="DDIM Inversion",
+            category="attention_control/editing",
+            description="Takes an encoded image up the deterministic DDIM path to noise, for real-image edits "
+                        "(Prompt-to-Prompt, MasaCtrl). Sample the output latent with add_noise off "
+                        "(KSamplerAdvanced: add_noise disable, or SamplerCustom: add_noise off), the same steps "
+                        "and scheduler, sampler euler or ddim; at CFG 1 with this prompt it reconstructs the image.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model (its patches apply during the inversion too)."),
+                io.Conditioning.Input("positive", tooltip="The prompt describing the image (or an empty prompt)."),
+                io.Latent.Input("latent", tooltip="The image encoded with VAEEncode."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Inversion steps; sample with the same."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="Schedule; sample with the same."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent"), TrajectoryType.Output(display_name="trajectory")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, latent, steps, scheduler):
+        if latent["samples"].shape[0] != 1:
+            raise AttentionControlError(
+                f"latent: DDIM inversion takes one image (batch 1), got a batch of {latent['samples'].shape[0]}")
+        cb = latent_preview.prepare_callback(model, steps)
+        out, traj = ddim_invert(model, positive, latent, steps, scheduler, callback=cb)
+        return io.NodeOutput(out, traj)
+
+
+class ReplaySource(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_ReplaySource",
+            display_name="Replay Source Trajectory",
+            category="attention_control/editing",
+            description="Real-image edits: keeps the source item (item 0) of an edit batch on the image's DDIM "
+                        "inversion trajectory at every step, so the targets take the real image's attention.",
+            inputs=[
+                io.Model.Input("model", tooltip="The edit model (e.g. from Prompt-to-Prompt or MasaCtrl)."),
+                TrajectoryType.Input("trajectory", tooltip="The trajectory output of DDIM Inversion."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, trajectory):
+        return io.NodeOutput(attach(model, ReplayController(trajectory)))
+
+
+NODES = [DDIMInversion, ReplaySource]

@@ -1,0 +1,93 @@
+"""Nodes: AttnCtl_MasaCtrl."""
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..attention.core import AttentionControlError
+from ..attention.masactrl import MaskSpec, MasaCtrlController
+from ..attention.router import attach
+from .p2p import _Prompt, edit_batch
+
+
+class MasaCtrl(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_MasaCtrl",
+            display_name="MasaCtrl (mutual self-attention)",
+            category="attention_control/editing",
+            description="Consistent subjects and non-rigid edits (Cao et al. 2023): the targets are sampled in one "
+                        "batch with the source, from the same noise, and from step S on their decoder "
+                        "self-attention reads the source's keys and values. Sample the MODEL with this node's "
+                        "positive, negative and latent; item 0 is the source.",
+            inputs=[
+                io.Model.Input("model", tooltip="Model to edit with (cloned; the input stays unpatched)."),
+                io.Clip.Input("clip", tooltip="The CLIP of the model: encodes the prompts, finds the mask words."),
+                io.Latent.Input("latent", tooltip="Empty latent, or the inverted latent of a real image (then sample "
+                                                  "with add_noise off), batch 1: repeated for source and targets."),
+                io.String.Input("source_prompt", multiline=True, default="", tooltip="Prompt of the source image."),
+                io.String.Input("target_prompts", multiline=True, default="",
+                                tooltip="One target prompt per line (e.g. a new pose or position of the subject)."),
+                io.String.Input("negative_prompt", multiline=True, default="", tooltip="Shared negative prompt."),
+                io.Float.Input("start_step", default=4.0, min=0.0, max=10000.0, step=1.0,
+                               tooltip="Step S from which the control acts: a count (>= 1, paper: 4 of 50) or a "
+                                       "fraction of the steps (< 1)."),
+                io.Int.Input("start_layer", default=-1, min=-1, max=200,
+                             tooltip="First transformer block L (blocks counted over the whole UNet in forward "
+                                     "order). -1 = auto: SD1.x 10 (paper), SDXL 54."),
+                io.Combo.Input("mode", options=["mutual", "union"], default="mutual",
+                               tooltip="mutual: targets attend to the source's keys/values; union: to the source's "
+                                       "and their own."),
+                io.String.Input("mask_source_word", default="",
+                                tooltip="Mask guidance: the subject's word in the source prompt (empty: no mask "
+                                        "guidance unless masks are connected)."),
+                io.String.Input("mask_target_word", default="",
+                                tooltip="The subject's word in the target prompt(s) (default: the source word)."),
+                io.Float.Input("mask_threshold", default=0.1, min=0.0, max=1.0, step=0.01,
+                               tooltip="Threshold of the min-max normalised word attention (paper: 0.1)."),
+                io.Mask.Input("source_mask", optional=True,
+                              tooltip="User mask of the source's subject (instead of word masks)."),
+                io.Mask.Input("target_mask", optional=True,
+                              tooltip="User mask of the target's subject (default: the source mask)."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
+                     io.Conditioning.Output(display_name="negative"), io.Latent.Output(display_name="latent")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, **kwargs):
+        return True
+
+    @classmethod
+    def execute(cls, model, clip, latent, source_prompt, target_prompts, negative_prompt, start_step, start_layer,
+                mode, mask_source_word, mask_target_word, mask_threshold, source_mask=None, target_mask=None):
+        tgt_texts = [t.strip() for t in target_prompts.splitlines() if t.strip()]
+        if not source_prompt.strip():
+            raise AttentionControlError("source_prompt: give the prompt of the source image")
+        if not tgt_texts:
+            raise AttentionControlError("target_prompts: give one target prompt per line")
+        mask = None
+        if source_mask is not None or target_mask is not None:
+            sm = source_mask if source_mask is not None else target_mask
+            tm = target_mask if target_mask is not None else sm
+            sm, tm = sm.reshape(-1, *sm.shape[-2:])[:1], tm.reshape(-1, *tm.shape[-2:])[:1]
+            if sm.shape != tm.shape:
+                tm = torch.nn.functional.interpolate(tm[None].float(), size=sm.shape[-2:], mode="bilinear")[0]
+            if float(sm.max()) <= 0.5:
+                raise AttentionControlError("source_mask: the mask covers nothing; paint the subject (values > 0.5)")
+            mask = MaskSpec(masks=torch.cat([sm.float(), tm.float()], 0), threshold=mask_threshold)
+        elif mask_source_word.strip() or mask_target_word.strip():
+            sw = mask_source_word.strip() or mask_target_word.strip()
+            tw = mask_target_word.strip() or sw
+            src = _Prompt(clip, source_prompt, "source_prompt")
+            tps = [_Prompt(clip, t, f"target prompt {i + 1}") for i, t in enumerate(tgt_texts)]
+            mask = MaskSpec(src_positions=src.positions(sw, "mask_source_word"),
+                            tgt_positions=[tp.positions(tw, "mask_target_word") for tp in tps],
+                            threshold=mask_threshold)
+        ctrl = MasaCtrlController(start_step, None if start_layer < 0 else start_layer, mode, mask)
+        m = attach(model, ctrl)
+        return io.NodeOutput(m, *edit_batch(clip, latent, [source_prompt] + tgt_texts, negative_prompt))
+
+
+NODES = [MasaCtrl]
