@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-MODULES = ["bench.capture", "bench.p2p", "bench.layout"]
+MODULES = ["bench.capture", "bench.p2p", "bench.layout", "bench.masactrl"]
 
 
 def main() -> int:

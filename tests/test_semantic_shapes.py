@@ -17,6 +17,7 @@ import ac_shapes as S
 from attention_control.nodes.capture import CaptureAttention
 from attention_control.nodes.common import resolve_words
 from attention_control.nodes.layout import Boxes, LayoutGuidance
+from attention_control.nodes.masactrl import MasaCtrl
 from attention_control.nodes.p2p import PromptToPrompt
 from attention_control.shapesworld import evaluate as E
 
@@ -123,6 +124,45 @@ def test_layout_guidance_moves_objects_into_the_box():
 def test_issue_target_layout_hit_rate():
     r = layout_measure()
     assert r["hit"] >= 0.70, r
+
+
+@functools.lru_cache(maxsize=1)
+def masactrl_measure():
+    """Source "a <colour> <shape> on the left", target "... on the right" (same noise): does the
+    target keep the source object's colour and shape, with MasaCtrl vs the target sampled alone
+    from the same noise? Also: where does the target's object sit (fraction on the right half)?"""
+    model, clip, _ = S.load()
+    pairs = [(c, s) for c in COLOURS for s in SHAPES][::2]          # 6 subjects
+    same, same_plain, right, n = 0, 0, 0, 0
+    for i, (c, s) in enumerate(pairs):
+        src, tgt = f"a {c} {s} on the left", f"a {c} {s} on the right"
+        out = MasaCtrl.execute(model, clip, M.latent(1, 32, 32), src, tgt, "", 4 / 50, -1, "mutual", "", "", 0.1,
+                               None, None)
+        m, pos, neg, lat = out.result if hasattr(out, "result") else out
+        res = S.to_rgb(S.sample(m, pos, neg, lat, seed=100 + i))
+        plain = S.to_rgb(S.sample(model, pos, neg, lat, seed=100 + i))
+        o_src = [o for o in E.segment_objects(res[0]) if o["colour"] == c]
+        if not o_src:
+            continue
+        n += 1
+        ref = (c, o_src[0]["shape"])
+        for img, counter in ((res[1], "masa"), (plain[1], "plain")):
+            objs = [o for o in E.segment_objects(img) if o["colour"] == c]
+            ok = bool(objs) and objs[0]["shape"] == ref[1]
+            if counter == "masa":
+                same += ok
+                right += bool(objs) and objs[0]["centre"][0] >= 16
+            else:
+                same_plain += ok
+    return {"n": n, "keeps_identity": same / max(n, 1), "keeps_identity_plain": same_plain / max(n, 1),
+            "target_on_right": right / max(n, 1)}
+
+
+def test_masactrl_keeps_the_subject():
+    r = masactrl_measure()
+    print(f"SEMANTIC masactrl {r}")
+    assert r["n"] >= 4
+    assert r["keeps_identity"] >= max(r["keeps_identity_plain"], 0.5), r
 
 
 def test_capture_colour_words_point_at_their_object():

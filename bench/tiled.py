@@ -1,0 +1,151 @@
+"""tiled_overhead_ratio, tiled_panorama_mem_ratio, tiled_batch_speedup (issue 6).
+
+Model: the tiny random SD1.5-shaped UNet of bench/layout.py (four levels, channel_mult 1,2,2,2;
+attention at 1/2, 1/4 and the 1/8 middle block), one prompt, cfg 7 (cond and uncond rows in one
+call). Tiles are 64x64 latent (512x512 px), overlap 32 latent (256 px), MultiDiffusion merge.
+
+- overhead: CPU time of one tiled model call (one sampling step's model evaluation) on an 8-tile
+  canvas (64x288 latent) vs 8 raw UNet evaluations of one 64x64 tile (`apply_model` without the
+  wrapper) at the same tile batch size (1): cost of cropping, batching and merging. The per-step
+  times of 1, 2, 4 and 8-tile canvases are reported beside it (growth should be linear).
+- panorama memory: extra peak RSS (above the loaded-model baseline, fresh process each) of one
+  KSampler step on a 64x512 latent (4096x512 px, 15 tiles) at tile batch 1 vs one step of a single
+  64x64 latent (512x512 px) without tiling. The issue's sizes, on the tiny model.
+- batch speedup: the 8-tile call at tile batch 1 vs tile batch 4 (time ratio t1 / t4).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+
+from bench import common
+
+CFG = dict(channel_mult=[1, 2, 2, 2], num_res_blocks=[1, 1, 1, 1], transformer_depth=[0, 1, 1, 0],
+           transformer_depth_output=[0, 0, 1, 1, 1, 1, 0, 0])
+TILE, OVERLAP = 64, 32
+
+
+def _setup(backend):
+    impl = common.setup(backend)
+    import ac_models as M
+    model = M.tiny_sd15(**CFG)
+    g = torch.Generator().manual_seed(5)
+    pos = [[torch.randn(1, 77, 768, generator=g), {}]]
+    neg = [[torch.zeros(1, 77, 768), {}]]
+    return impl, M, model, pos, neg
+
+
+def _tiled(model, batch):
+    from attention_control.attention.tiled import TileConfig
+    from attention_control.attention.tiled_glue import attach_tiled
+    return attach_tiled(model, TileConfig(TILE, TILE, OVERLAP, "multidiffusion", batch))
+
+
+def _width(n_tiles):
+    return TILE + (n_tiles - 1) * (TILE - OVERLAP)
+
+
+def time_case(backend, pairs):
+    impl, M, model, _pos, _neg = _setup(backend)
+    base = model.model
+    g = torch.Generator().manual_seed(0)
+    ctx = torch.randn(2, 77, 768, generator=g)
+    sigma = torch.full((2,), 5.0)
+    cou = {"cond_or_uncond": [1, 0]}
+
+    def tiled_call(n_tiles, batch):
+        m = _tiled(model, batch)
+        x = torch.randn(2, 4, TILE, _width(n_tiles), generator=g)
+        to = dict(cou, wrappers=m.wrappers)
+        return lambda: base.apply_model(x, sigma, c_crossattn=ctx, transformer_options=to)
+
+    def raw_calls(n_tiles, batch):
+        xt = torch.randn(2 * batch, 4, TILE, TILE, generator=g)
+        s, c = torch.cat([sigma] * batch), torch.cat([ctx] * batch)
+        to = {"cond_or_uncond": [1, 0] * batch}
+
+        def run():
+            for _ in range(n_tiles // batch):
+                base.apply_model(xt, s, c_crossattn=c, transformer_options=to)
+        return run
+
+    def cpu_time(fn, n=3):
+        fn()
+        ts = []
+        for _ in range(n):
+            t0 = time.process_time()
+            fn()
+            ts.append(time.process_time() - t0)
+        return statistics.median(ts)
+
+    res = {"attention": impl}
+    with torch.inference_mode():
+        res["overhead"] = common.interleaved_ratio(raw_calls(8, 1), tiled_call(8, 1), pairs=pairs)
+        res["tile_times"] = {n: cpu_time(tiled_call(n, 1), 2) for n in (1, 2, 4, 8)}
+        res["batch"] = common.interleaved_ratio(tiled_call(8, 4), tiled_call(8, 1), pairs=pairs)
+    return res
+
+
+def mem_case(backend, which):
+    _, M, model, pos, neg = _setup(backend)
+    if which == "pano":
+        m, lat = _tiled(model, 1), {"samples": torch.zeros(1, 4, 64, 512)}
+    else:
+        m, lat = model, {"samples": torch.zeros(1, 4, 64, 64)}
+    with torch.inference_mode():
+        M.ksample(m, pos, neg, lat, steps=1, cfg=7.0)
+        base = common.reset_peak()
+        M.ksample(m, pos, neg, lat, steps=1, cfg=7.0)
+    return {"extra_mb": (common.peak_kb() - base) / 1024.0}
+
+
+def collect(quick=False):
+    out = {}
+    worst = {"oh": 0.0, "mem": 0.0}
+    env = {"MALLOC_ARENA_MAX": "1"}
+    pairs = "2" if quick else "3"
+    for backend in ("subquad", "sdpa"):
+        t = common.run_child("bench.tiled", "time", backend, "-", pairs)
+        mem = {w: min(common.run_child("bench.tiled", "mem", backend, w, env_extra=env)["extra_mb"]
+                      for _ in range(1 if quick else 2)) for w in ("single", "pano")}
+        settings = (f"tiny SD1.5-shaped UNet (4 levels, attention at 1/2, 1/4, 1/8 mid), tiles 64x64 latent "
+                    f"(512 px), overlap 32 latent, multidiffusion, cfg rows batched, attention={t['attention']}")
+        times = ", ".join(f"{n} tiles {s:.3f} s" for n, s in t["tile_times"].items())
+        oh = t["overhead"]["ratio"]
+        mem_ratio = mem["pano"] / max(mem["single"], 1e-6)
+        speedup = t["batch"]["ratio"]                # interleaved B/A = t(batch 1) / t(batch 4)
+        out[f"tiled_overhead_ratio[{backend}]"] = {
+            "value": round(oh, 4), "target": 1.05, "unit": "x",
+            "settings": settings + f", one tiled model call on an 8-tile 64x288 canvas vs 8 raw apply_model calls of "
+                                   f"one tile, tile batch 1, CPU time; per-step tiled call times: {times}"}
+        out[f"tiled_panorama_mem_ratio[{backend}]"] = {
+            "value": round(mem_ratio, 4), "target": 1.3, "unit": "x",
+            "settings": settings + f", one KSampler step, 64x512 latent (4096x512 px, 15 tiles) at tile batch 1 vs "
+                                   f"a single 64x64 latent untiled: extra peak RSS {mem['pano']:.1f} MB / "
+                                   f"{mem['single']:.1f} MB"}
+        out[f"tiled_batch_speedup[{backend}]"] = {
+            "value": round(speedup, 4), "target": None, "unit": "x",
+            "settings": settings + ", 8-tile canvas, time at tile batch 1 / time at tile batch 4, CPU time"}
+        worst["oh"] = max(worst["oh"], oh)
+        worst["mem"] = max(worst["mem"], mem_ratio)
+    out["tiled_overhead_ratio"] = {"value": round(worst["oh"], 4), "target": 1.05, "unit": "x",
+                                   "settings": "worst of the two CPU attention backends"}
+    out["tiled_panorama_mem_ratio"] = {"value": round(worst["mem"], 4), "target": 1.3, "unit": "x",
+                                       "settings": "worst of the two CPU attention backends"}
+    return out
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["time", "mem"])
+    ap.add_argument("backend", choices=["subquad", "sdpa"])
+    ap.add_argument("which", choices=["-", "single", "pano"])
+    ap.add_argument("pairs", type=int, nargs="?", default=3)
+    a = ap.parse_args()
+    res = time_case(a.backend, a.pairs) if a.what == "time" else mem_case(a.backend, a.which)
+    sys.stdout.write(json.dumps(res) + "\n")
