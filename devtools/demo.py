@@ -31,7 +31,7 @@ log = logging.getLogger("attention_control.devtools.demo")
 WORKFLOW_DIR = os.path.join(REPO, "example_workflows")
 SHAPES_LOADER = "AttnCtl_ShapesWorldLoader"
 CKPT_LOADER = "CheckpointLoaderSimple"
-SAMPLER_TYPES = ("KSampler", "KSamplerAdvanced")
+SAMPLER_TYPES = ("KSampler", "KSamplerAdvanced", "AttnCtl_DDIMInversion")   # nodes whose steps must agree
 
 
 def example_workflows() -> list[str]:

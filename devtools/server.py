@@ -141,6 +141,9 @@ class ComfyServer:
         link = os.path.join(d, "custom_nodes", PACK_NAME)
         if not os.path.lexists(link):
             os.symlink(REPO, link)
+        inputs = os.path.join(REPO, "example_workflows", "input")      # images the example workflows load
+        for name in sorted(os.listdir(inputs)) if os.path.isdir(inputs) else []:
+            shutil.copyfile(os.path.join(inputs, name), os.path.join(d, "input", name))
         for name, path in self.checkpoints.items():
             self.add_checkpoint(path, name)
 

@@ -83,7 +83,59 @@ def layout(name, prompt, box_text, mode="backward"):
     return g
 
 
+def masactrl(name, source, target):
+    g = Graph()
+    ck = loader(g)
+    lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    edit = g.add("AttnCtl_MasaCtrl", [source, target, "", 4.0, -1, "mutual", "", "", 0.1],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (lat, 0, "LATENT")},
+                 outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent", "LATENT")])
+    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
+               inputs={"model": (edit, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
+                       "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
+def inversion_edit(name, image, source, target):
+    """A real image edited with Prompt-to-Prompt: VAEEncode -> DDIM inversion -> edit -> source replay ->
+    KSamplerAdvanced with add_noise disabled and the inversion's steps and scheduler."""
+    g = Graph()
+    ck = loader(g)
+    img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+    enc = g.add("VAEEncode", [], inputs={"pixels": (img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
+                outputs=[("LATENT", "LATENT")])
+    pos = g.add("CLIPTextEncode", [source], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")])
+    inv = g.add("AttnCtl_DDIMInversion", [20, "normal"],
+                inputs={"model": (ck, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"), "latent": (enc, 0, "LATENT")},
+                outputs=[("latent", "LATENT"), ("trajectory", "TRAJECTORY")])
+    edit = g.add("AttnCtl_PromptToPrompt",
+                 [source, target, "replace", "", 0.8, "", 0.4, "", "", 0.3, 0.0, ""],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (inv, 0, "LATENT")},
+                 outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent", "LATENT")])
+    rep = g.add("AttnCtl_ReplaySource", [], inputs={"model": (edit, 0, "MODEL"), "trajectory": (inv, 1, "TRAJECTORY")},
+                outputs=[("model", "MODEL")])
+    ks = g.add("KSamplerAdvanced", ["disable", 0, "fixed", 20, 6.0, "euler", "normal", 0, 10000, "disable"],
+               inputs={"model": (rep, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
+                       "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
 WORKFLOWS = {
+    "masactrl": lambda: masactrl("masactrl", "a red circle on the left", "a red circle on the right"),
+    "inversion_p2p_edit": lambda: inversion_edit("inversion_p2p_edit", "attnctl_shapes_example.png",
+                                                 "a blue square and a red circle",
+                                                 "a blue square and a green circle"),
     "layout_guidance": lambda: layout("layout_guidance", "a red circle", "red circle: 0.0,0.0,0.5,0.5"),
     "p2p_replace": lambda: p2p("p2p_replace", "a red circle and a blue square",
                                "a green circle and a blue square\na yellow circle and a blue square", "replace"),
