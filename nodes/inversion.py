@@ -1,4 +1,4 @@
-"""Nodes: AttnCtl_DDIMInversion, AttnCtl_ReplaySource."""
+"""Nodes: AttnCtl_DDIMInversion, AttnCtl_NullTextInversion, AttnCtl_ReplaySource."""
 from __future__ import annotations
 
 import comfy.samplers
@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..attention.core import AttentionControlError
 from ..attention.replay import ReplayController
 from ..attention.router import attach
-from ..samplers.inversion import ddim_invert
+from ..samplers.inversion import ddim_invert, null_text_invert
 
 TrajectoryType = io.Custom("TRAJECTORY")
 
@@ -45,6 +45,48 @@ class DDIMInversion(io.ComfyNode):
         return io.NodeOutput(out, traj)
 
 
+class NullTextInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_NullTextInversion",
+            display_name="Null-text Inversion",
+            category="attention_control/editing",
+            description="DDIM inversion plus one optimised negative embedding per step (Mokady et al. 2022), so "
+                        "that sampling at a normal CFG scale follows the image's inversion trajectory: faithful "
+                        "real-image Prompt-to-Prompt edits. Use the negative output in the sampler (add_noise off, "
+                        "same steps, scheduler and cfg). Slow by nature: iterations x steps extra forward/backward "
+                        "passes.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model."),
+                io.Conditioning.Input("positive", tooltip="The prompt describing the image (the edit's source prompt)."),
+                io.Conditioning.Input("negative", tooltip="The starting negative (usually an empty prompt)."),
+                io.Latent.Input("latent", tooltip="The image encoded with VAEEncode (batch 1)."),
+                io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Steps; sample with the same."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
+                               tooltip="Schedule; sample with the same."),
+                io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1,
+                               tooltip="The CFG scale the edit will be sampled with (paper: 7.5)."),
+                io.Int.Input("iterations", default=10, min=0, max=100,
+                             tooltip="Adam iterations per step at most (paper: 10); early stop at 1e-5 + 2e-5 * step."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent"), TrajectoryType.Output(display_name="trajectory"),
+                     io.Conditioning.Output(display_name="negative")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, negative, latent, steps, scheduler, cfg, iterations):
+        if latent["samples"].shape[0] != 1:
+            raise AttentionControlError(
+                f"latent: null-text inversion takes one image (batch 1), got a batch of {latent['samples'].shape[0]}")
+        if not negative:
+            raise AttentionControlError("negative: connect a negative conditioning (e.g. an empty prompt)")
+        cb = latent_preview.prepare_callback(model, steps)
+        inv, traj, neg, _log = null_text_invert(model, positive, negative, latent, steps, scheduler, cfg, iterations,
+                                                callback=cb)
+        return io.NodeOutput(inv, traj, neg)
+
+
 class ReplaySource(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -66,4 +108,4 @@ class ReplaySource(io.ComfyNode):
         return io.NodeOutput(attach(model, ReplayController(trajectory)))
 
 
-NODES = [DDIMInversion, ReplaySource]
+NODES = [DDIMInversion, NullTextInversion, ReplaySource]

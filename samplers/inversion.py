@@ -81,3 +81,103 @@ def ddim_invert(model, positive, latent: dict, steps: int, scheduler: str, callb
     res = {k: v for k, v in latent.items() if k not in ("noise_mask", "batch_index")}
     res["samples"] = out
     return res, traj
+
+
+# --------------------------------------------------------------------------------------------
+# null-text inversion (Mokady et al. 2022)
+
+def _with_context(cond: dict, context: torch.Tensor) -> dict:
+    """A copy of a processed cond entry whose cross-attention context is `context`."""
+    import comfy.conds
+    c = dict(cond)
+    mc = dict(c.get("model_conds", {}))
+    mc["c_crossattn"] = comfy.conds.CONDCrossAttn(context)
+    c["model_conds"] = mc
+    c["cross_attn"] = context
+    return c
+
+
+def _null_text_sampler(trajectory: Trajectory, cfg: float, iterations: int, lr: float, record: list, log: list):
+    """Sampler function: walks the schedule down from the inverted latent and, for each step,
+    optimises that step's negative embedding (Adam, lr * (1 - i / 100), early stop at
+    1e-5 + 2e-5 * i) so that the CFG step lands on the inversion trajectory."""
+    from ..attention.grad import WeightReferences
+
+    def run(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        extra_args = extra_args or {}
+        guider = model.inner_model
+        base = guider.inner_model
+        mo = extra_args.get("model_options", {})
+        positive = guider.conds.get("positive")
+        negative = guider.conds.get("negative")
+        if not negative:
+            raise ValueError("negative: null-text inversion needs a negative conditioning to start from")
+        with torch.inference_mode(False):
+            u = negative[0]["cross_attn"].detach().clone().float()
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            s, s_next = sigmas[i], sigmas[i + 1]
+            target = trajectory.at(float(s_next)) if s_next > 0 else trajectory.latents[0]
+            target = target.to(x.device, x.dtype)
+            with torch.inference_mode(False):
+                xi = x.detach().clone()
+                ts = (s * s_in).detach().clone()
+                tgt = target.detach().clone()
+                with torch.no_grad():
+                    d_c = comfy.samplers.calc_cond_batch(base, [positive], xi, ts, mo)[0].detach()
+                u = u.detach().clone().requires_grad_(True)
+                opt = torch.optim.Adam([u], lr=lr * (1.0 - i / 100.0))
+                losses = []
+                for _ in range(iterations):
+                    with torch.enable_grad(), WeightReferences():
+                        d_u = comfy.samplers.calc_cond_batch(base, [[_with_context(negative[0], u.to(xi.dtype))]],
+                                                             xi, ts, mo)[0]
+                        den = d_u + cfg * (d_c - d_u)
+                        x_next = xi + (s_next - s) * (xi - den) / s
+                        loss = torch.nn.functional.mse_loss(x_next, tgt)
+                    losses.append(float(loss))
+                    if float(loss) < 1e-5 + 2e-5 * i:
+                        break
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                u = u.detach()
+            log.append(losses)
+            record.append(u.clone())
+            neg_i = [_with_context(negative[0], u.to(x.dtype).clone())]
+            with torch.no_grad():
+                d_u = comfy.samplers.calc_cond_batch(base, [neg_i], x, s * s_in, mo)[0]
+            den = d_u + cfg * (d_c.to(d_u.dtype) - d_u)
+            x = x + (s_next - s) * (x - den) / s
+            if callback is not None:
+                callback({"x": x, "i": i, "sigma": s, "sigma_hat": s, "denoised": den})
+        return x
+    return run
+
+
+def null_text_invert(model, positive, negative, latent: dict, steps: int, scheduler: str, cfg: float = 7.5,
+                     iterations: int = 10, lr: float = 1e-2, callback=None):
+    """DDIM inversion, then per-step negative embeddings that make CFG sampling follow the
+    inversion trajectory. Returns (inverted latent, Trajectory, per-step negative CONDITIONING,
+    losses per step). The negative is one conditioning entry per step, each limited to its step's
+    sigma interval (ComfyUI's timestep_start / timestep_end), so any sampler node picks it up."""
+    inv, traj = ddim_invert(model, positive, latent, steps, scheduler)
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    record, log = [], []
+    sampler = comfy.samplers.KSAMPLER(_null_text_sampler(traj, cfg, iterations, lr, record, log))
+    samples = comfy.sample.fix_empty_latent_channels(model, inv["samples"])
+    guider.sample(torch.zeros_like(samples), samples, sampler, sigmas, callback=callback, disable_pbar=True, seed=0)
+    extra = dict(negative[0][1])
+    for k in ("timestep_start", "timestep_end", "start_percent", "end_percent"):
+        extra.pop(k, None)
+    cond = []
+    for i, u in enumerate(record):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        e = dict(extra)
+        e["timestep_start"] = float("inf") if i == 0 else s * (1 + 1e-6)
+        e["timestep_end"] = s_next * (1 + 1e-6)
+        cond.append([u.cpu(), e])
+    return inv, traj, cond, log

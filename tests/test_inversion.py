@@ -5,7 +5,7 @@ import torch
 import ac_models as M
 import nodes
 from attention_control.attention.core import AttentionControlError
-from attention_control.nodes.inversion import DDIMInversion, ReplaySource
+from attention_control.nodes.inversion import DDIMInversion, NullTextInversion, ReplaySource
 from attention_control.nodes.masactrl import MasaCtrl
 
 
@@ -97,3 +97,22 @@ def test_replay_schedule_mismatch_and_batch_errors(sd15, image_latent):
         sample_no_noise(replay, pos, neg, lat, 7)
     with pytest.raises(AttentionControlError, match="latent: DDIM inversion takes one image"):
         DDIMInversion.execute(sd15, M.cond(1, seed=1), {"samples": torch.zeros(2, 4, 16, 16)}, 4, "normal")
+
+
+def test_null_text_inversion_lowers_the_cfg_reconstruction_error():
+    import numpy as np
+    import ac_shapes as S
+    from attention_control.shapesworld import comfy_glue, data
+    model, clip, _ = S.load()
+    imgs, caps, _ = data.sample_batch(np.random.default_rng(0), 1)
+    lat = {"samples": comfy_glue.rgb_to_latent(torch.from_numpy(imgs))}
+    pos, neg = S.encode(clip, caps), S.encode(clip, [""])
+    steps, cfg = 10, 6.0
+    inv, traj, null_neg = _res(NullTextInversion.execute(model, pos, neg, lat, steps, "normal", cfg, 5))
+    assert len(null_neg) == steps and all(c[0].shape == neg[0][0].shape for c in null_neg)
+    x0 = lat["samples"]
+    plain = sample_no_noise(model, pos, neg, inv, steps, cfg=cfg)
+    nti = sample_no_noise(model, pos, null_neg, inv, steps, cfg=cfg)
+    e_plain = float((plain - x0).norm() / x0.norm())
+    e_null = float((nti - x0).norm() / x0.norm())
+    assert e_null < 0.5 * e_plain, (e_null, e_plain)     # measured 0.14 vs 0.44 with 10 iterations
