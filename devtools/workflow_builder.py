@@ -131,7 +131,27 @@ def inversion_edit(name, image, source, target):
     return g
 
 
+def tiled_diffusion(name, prompt="a red circle and a blue square", merge="multidiffusion", wrap=False):
+    g = Graph()
+    ck = loader(g)
+    tile = g.add("AttnCtl_TiledDiffusion", [256, 256, 128, merge, 1, wrap, "per tile"],
+                 inputs={"model": (ck, 0, "MODEL")}, outputs=[("model", "MODEL")])
+    pos = g.add("CLIPTextEncode", [prompt], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    lat = g.add("EmptyLatentImage", [768, 256, 1], outputs=[("LATENT", "LATENT")])
+    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
+               inputs={"model": (tile, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
+                       "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
 WORKFLOWS = {
+    "tiled_diffusion": lambda: tiled_diffusion("tiled_diffusion", wrap=True),
     "masactrl": lambda: masactrl("masactrl", "a red circle on the left", "a red circle on the right"),
     "inversion_p2p_edit": lambda: inversion_edit("inversion_p2p_edit", "attnctl_shapes_example.png",
                                                  "a blue square and a red circle",
