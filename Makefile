@@ -5,12 +5,16 @@ SHELL := /bin/bash
 PY = .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv test test-semantic demo bench shapes-model clean
+.PHONY: venv browser test test-semantic demo bench shapes-model clean
 
 venv:
 	@v=$$(bash scripts/host.sh) && ln -sfn "$$v" .venv
 
-test: venv
+# Debian's chromium for tests/test_browser.py (apt-get, once per machine; a no-op when /usr/bin/chromium exists)
+browser:
+	@bash scripts/browser.sh
+
+test: venv browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-semantic: venv

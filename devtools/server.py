@@ -98,8 +98,10 @@ def free_port() -> int:
 class ComfyServer:
     def __init__(self, checkpoints: dict[str, str] | list[str] | None = None, port: int | None = None,
                  base_dir: str | None = None, startup_timeout: float = 180.0, extra_args: list[str] | None = None,
-                 python: str | None = None):
-        """checkpoints: files to link into models/checkpoints ({name: path} or paths, named by basename)."""
+                 python: str | None = None, front_end: bool = False):
+        """checkpoints: files to link into models/checkpoints ({name: path} or paths, named by basename).
+        front_end: serve the real front end (the installed comfyui-frontend-package, as a stock ComfyUI does)
+        instead of an empty --front-end-root (the default: API-only tests need no front end)."""
         if isinstance(checkpoints, (list, tuple)):
             checkpoints = {os.path.basename(p): p for p in checkpoints}
         self.checkpoints = dict(checkpoints or {})
@@ -109,6 +111,7 @@ class ComfyServer:
         self.startup_timeout = startup_timeout
         self.extra_args = list(extra_args or [])
         self.python = python or sys.executable
+        self.front_end = front_end
         self.proc: subprocess.Popen | None = None
         self.log_path: str | None = None
         self._log_file = None
@@ -155,7 +158,8 @@ class ComfyServer:
         d = self.base_dir
         cmd = [self.python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
                "--disable-auto-launch", "--base-directory", d, "--output-directory", os.path.join(d, "output"),
-               "--front-end-root", os.path.join(d, "front_end"), "--disable-api-nodes",
+               *([] if self.front_end else ["--front-end-root", os.path.join(d, "front_end")]),
+               "--disable-api-nodes",
                "--database-url", "sqlite:///" + os.path.join(d, "user", "comfyui.db"),
                *self.extra_args]
         env = dict(os.environ)

@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--p-uncond", type=float, default=0.1, help="fraction of empty captions")
     p.add_argument("--p-logit-normal", type=float, default=0.5,
                    help="fraction of timesteps drawn logit-normal(0, 1) instead of uniform")
+    p.add_argument("--stop-at", type=int, default=0,
+                   help="stop after this many steps (the LR schedule still spans --steps) and save the EMA weights")
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--threads", type=int, default=2, help="max torch threads; the run probes 1..max and keeps the faster")
     p.add_argument("--ckpt-dir", default="/tmp/shapes_ckpt", help="periodic EMA checkpoints")
@@ -130,7 +132,9 @@ def main(argv=None):
     first = 0
     t_start = time.time()
     run_loss = None
-    for step in range(first, args.steps):
+    probing = False
+    last = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    for step in range(first, last):
         ts = time.time()
         rng = np.random.default_rng([args.seed, step])
         imgs, caps, _ = data.sample_batch(rng, args.batch)
@@ -165,7 +169,9 @@ def main(argv=None):
 
         dt = time.time() - ts
         prev = thread_time[cur_threads]
-        thread_time[cur_threads] = dt if prev is None else 0.7 * prev + 0.3 * dt
+        # a probe replaces the (possibly stale) figure; otherwise smooth
+        thread_time[cur_threads] = dt if (prev is None or probing) else 0.7 * prev + 0.3 * dt
+        probing = False
         if len(thread_opts) > 1 and step > 0:
             unknown = [n for n in thread_opts if thread_time[n] is None]
             if step % probe_every == 0 or (unknown and step % probe_len == 0):
@@ -175,6 +181,8 @@ def main(argv=None):
                 known = {n: v for n, v in thread_time.items() if v is not None}
                 nxt = min(known, key=known.get)
             if nxt != cur_threads:
+                probing = nxt != min((n for n in thread_time if thread_time[n] is not None),
+                                     key=lambda n: thread_time[n], default=nxt)
                 cur_threads = nxt
                 torch.set_num_threads(nxt)
 
@@ -186,13 +194,13 @@ def main(argv=None):
                         "threads %d %s", step + 1, args.steps, lv, run_loss, opt.param_groups[0]["lr"],
                         el / (step + 1 - first), el / 60, el / (step + 1 - first) * (args.steps - step - 1) / 60, cur_threads,
                         {n: (round(v, 2) if v else None) for n, v in thread_time.items()})
-        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < args.steps:
+        if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < last:
             path = os.path.join(args.ckpt_dir, f"ema_step{step + 1:05d}.safetensors")
             save_unet(ema.state_dict(), path, step + 1)
             logger.info("checkpoint %s", path)
 
-    save_unet(ema.state_dict(), args.out, args.steps)
-    logger.info("done: %d steps in %.1f min -> %s", args.steps, (time.time() - t_start) / 60, args.out)
+    save_unet(ema.state_dict(), args.out, last)
+    logger.info("done: %d steps in %.1f min -> %s", last, (time.time() - t_start) / 60, args.out)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,377 @@
+"""End to end in a real browser: the real ComfyUI 0.3.75 server serving the real front end
+(comfyui-frontend-package), driven by headless Debian Chromium through Playwright.
+
+The layout-guidance example workflow is loaded into the front end (with the demo's model substitution, as
+in tests/test_e2e_server.py), a box is drawn, renamed, moved and resized with the mouse in the AttnCtl_Boxes
+editor (web/js/attention_control.js), another is deleted with the Delete key and one with the delete button;
+the node's `boxes` widget must hold the JSON of exactly those boxes. The prompt is queued from the front end
+and must run to success with that value; after a page reload the value (and the editor's boxes) persist.
+Screenshots go to out/browser/.
+
+Needs /usr/bin/chromium (`make test` runs scripts/browser.sh, which installs Debian's chromium) and the
+playwright package (requirements-host.txt). Playwright never downloads a browser here.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from devtools.demo import choose_model
+from devtools.host import REPO
+from devtools.server import ComfyServer
+
+CHROMIUM = "/usr/bin/chromium"
+OUT = os.path.join(REPO, "out", "browser")
+WORKFLOW = os.path.join(REPO, "example_workflows", "layout_guidance.json")
+EXAMPLES = os.path.join(REPO, "example_workflows")
+STEPS, SIZE = 3, 128           # as in the server e2e: a few steps on a small latent
+RUN_TIMEOUT = 240.0
+TOL = 0.03                     # box coordinates after a mouse drag, as fractions of the image
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--disable-default-apps", "--mute-audio"]
+
+sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is not installed (requirements-host.txt)")
+if not os.path.exists(CHROMIUM):
+    pytest.skip(f"{CHROMIUM} is missing: run scripts/browser.sh (make test does)", allow_module_level=True)
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope="module")
+def server():
+    srv = ComfyServer(front_end=True)
+    srv.start()
+    try:
+        yield srv
+    finally:
+        srv.cleanup()
+
+
+@pytest.fixture(scope="module")
+def browser():
+    with sync_api.sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Front:
+    """A page of the front end with the console and page errors collected."""
+
+    def __init__(self, page, srv):
+        self.page, self.srv = page, srv
+        self.errors: list[str] = []
+        page.on("pageerror", lambda e: self.errors.append(f"pageerror: {e}"))
+        page.on("console", lambda m: m.type == "error" and self.errors.append(f"console: {m.text}"))
+
+    def open(self):
+        self.page.goto(self.srv.url, wait_until="load", timeout=120_000)
+        self.wait_ready()
+
+    def wait_ready(self):
+        self.page.wait_for_function("() => window.app && window.app.graph && window.app.canvas", timeout=120_000)
+        try:
+            self.page.wait_for_function("() => (window.app.extensions || [])"
+                                        ".some(e => e.name === 'attention_control.widgets')", timeout=20_000)
+        except sync_api.TimeoutError:
+            pytest.fail("the pack's front-end extension (web/js/attention_control.js) did not register:\n"
+                        + "\n".join(self.errors[-20:]))
+
+    def shot(self, name):
+        os.makedirs(OUT, exist_ok=True)
+        self.page.screenshot(path=os.path.join(OUT, f"{name}.png"))
+
+    def load(self, workflow: dict):
+        self.page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
+        self.page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1; c.ds.offset = [0, 40];"
+                           " c.setDirty(true, true); }")
+        self.page.wait_for_timeout(500)
+
+    def boxes_node(self):
+        """[node id, `boxes` widget value, the editor's boxes (or None without the editor), widget names]."""
+        return self.page.evaluate("""() => {
+            const n = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes');
+            if (!n) return null;
+            const w = n.widgets.find(w => w.name === 'boxes');
+            return [n.id, w.value, n.attnctlBoxEditor ? JSON.parse(JSON.stringify(n.attnctlBoxEditor.boxes)) : null,
+                    n.widgets.map(w => w.name)];
+        }""")
+
+    def value(self) -> list:
+        node = self.boxes_node()
+        assert node is not None, "the AttnCtl_Boxes node is gone"
+        text = node[1]
+        assert text.strip().startswith("["), f"the boxes widget does not hold the editor's JSON: {text!r}"
+        return json.loads(text)
+
+    def canvas(self):
+        loc = self.page.locator("canvas.attnctl-box-canvas")
+        assert loc.count() == 1, "the box editor's canvas is not on the page (web/js/attention_control.js)"
+        bb = loc.bounding_box()
+        assert bb and bb["width"] > 50 and bb["height"] > 50, f"the box editor's canvas is not visible: {bb}"
+        return bb
+
+    def at(self, fx, fy):
+        bb = self.canvas()
+        return bb["x"] + fx * bb["width"], bb["y"] + fy * bb["height"]
+
+    def drag(self, a, b, steps=8):
+        m = self.page.mouse
+        m.move(*self.at(*a))
+        m.down()
+        m.move(*self.at(*b), steps=steps)
+        m.up()
+        self.page.wait_for_timeout(100)
+
+    def click(self, f):
+        self.page.mouse.click(*self.at(*f))
+        self.page.wait_for_timeout(100)
+
+
+@pytest.fixture
+def front(server, browser):
+    # a returning user: no first-run template browser over the canvas
+    server.post_json("/settings", {"Comfy.TutorialCompleted": True})
+    ctx = browser.new_context(viewport={"width": 1600, "height": 1000})
+    page = ctx.new_page()
+    f = Front(page, server)
+    try:
+        yield f
+    finally:
+        ctx.close()
+
+
+def browser_workflow(server, path: str = WORKFLOW) -> dict:
+    """An example workflow (layout_guidance.json) with the demo's model (the shipped shapes-world loader, or the tiny checkpoint),
+    few steps and a small latent, so that it runs on the CPU in seconds."""
+    with open(path) as fh:
+        wf = json.load(fh)
+    model = choose_model(server)
+    for node in wf["nodes"]:
+        if node["type"] == "CheckpointLoaderSimple":
+            if "loader" in model:
+                node["type"] = model["loader"]
+                node["widgets_values"] = []
+                node["properties"] = {"Node name for S&R": model["loader"]}
+            else:
+                node["widgets_values"] = [model["ckpt_name"]]
+        elif node["type"] == "KSampler":
+            node["widgets_values"][2] = STEPS
+        elif node["type"] == "EmptyLatentImage":
+            node["widgets_values"][:2] = [SIZE, SIZE]
+    return wf
+
+
+def near(box, want, tol=TOL):
+    return all(abs(a - b) <= tol for a, b in zip(box, want))
+
+
+# ------------------------------------------------------------------------------------------ tests
+def test_box_editor_draw_queue_and_reload(server, front):
+    shutil.rmtree(OUT, ignore_errors=True)
+    front.open()
+    front.load(browser_workflow(server))
+    node = front.boxes_node()
+    assert node is not None, "layout_guidance.json has no AttnCtl_Boxes node"
+    node_id, text, editor_boxes, names = node
+    assert editor_boxes is not None, f"no box editor on AttnCtl_Boxes (widgets: {names})"
+    # the editor read the workflow's line form
+    assert len(editor_boxes) == 1 and editor_boxes[0]["phrase"] == "red circle", editor_boxes
+    assert near(editor_boxes[0]["box"], [0.0, 0.0, 0.5, 0.5], 1e-6), editor_boxes
+    front.canvas()
+    front.shot("01_loaded")
+
+    # draw a new box on the empty lower-right area
+    front.drag((0.55, 0.6), (0.95, 0.95))
+    boxes = front.value()
+    assert len(boxes) == 2, boxes
+    assert boxes[0]["phrase"] == "red circle" and near(boxes[0]["box"], [0, 0, 0.5, 0.5], 1e-6), boxes
+    new = boxes[1]
+    assert new["phrase"] and near(new["box"], [0.55, 0.6, 0.95, 0.95]), new
+    assert all(round(v, 3) == v for v in new["box"]), f"fractions must be rounded to 3 decimals: {new}"
+
+    # name it: double-click the box, type the phrase
+    front.page.mouse.dblclick(*front.at(0.75, 0.8))
+    phrase = front.page.locator("input.attnctl-box-phrase")
+    front.page.keyboard.press("Control+A")
+    front.page.keyboard.type("red circle")
+    front.page.keyboard.press("Enter")
+    assert phrase.input_value() == "red circle"
+    assert front.value()[1]["phrase"] == "red circle"
+
+    # move it left and up by dragging inside it, then resize it by its bottom-right corner
+    front.drag((0.75, 0.8), (0.65, 0.7))
+    moved = front.value()[1]["box"]
+    assert near(moved, [0.45, 0.5, 0.85, 0.85]), moved
+    front.drag((moved[2], moved[3]), (0.9, 0.95))
+    resized = front.value()[1]["box"]
+    assert near(resized, [0.45, 0.5, 0.9, 0.95]), resized
+
+    # select the workflow's old box (its top-left part does not overlap) and delete it with the Delete key
+    front.click((0.1, 0.1))
+    front.page.keyboard.press("Delete")
+    boxes = front.value()
+    assert len(boxes) == 1 and boxes[0]["phrase"] == "red circle" and near(boxes[0]["box"], resized), boxes
+    assert front.boxes_node() is not None and front.boxes_node()[0] == node_id, "Delete removed the node itself"
+
+    # a throw-away box, removed with the delete button
+    front.drag((0.05, 0.05), (0.3, 0.3))
+    assert len(front.value()) == 2
+    front.page.locator("button.attnctl-box-delete").click()
+    boxes = front.value()
+    assert len(boxes) == 1 and near(boxes[0]["box"], resized), boxes
+    value = front.boxes_node()[1]
+    front.shot("02_drawn")
+
+    # queue from the front end; the server runs exactly that value
+    with front.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
+                                    timeout=60_000) as resp:
+        front.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    assert resp.value.ok, resp.value.text()
+    prompt_id = resp.value.json()["prompt_id"]
+    entry = server.wait(prompt_id, timeout=RUN_TIMEOUT)
+    assert (entry.get("status") or {}).get("status_str") == "success", (entry.get("status"), server.log_tail())
+    sent = entry["prompt"][2]
+    (boxes_in,) = [n["inputs"] for n in sent.values() if n["class_type"] == "AttnCtl_Boxes"]
+    assert boxes_in["boxes"] == value, (boxes_in, value)
+    assert "box_editor" not in boxes_in, "the editor widget must not be sent to the server"
+    images = server.output_images(entry)
+    assert images and all(os.path.getsize(p) > 0 for p in images), entry.get("outputs")
+    front.page.wait_for_timeout(1000)                # the SaveImage preview
+    front.shot("03_ran")
+
+    # the saved workflow holds the value in the node's widgets_values (and nothing for the editor)
+    saved = front.page.evaluate("() => window.app.graph.serialize()")
+    (saved_node,) = [n for n in saved["nodes"] if n["type"] == "AttnCtl_Boxes"]
+    assert saved_node["widgets_values"][0] == value and len(saved_node["widgets_values"]) == 4, saved_node
+    os.makedirs(OUT, exist_ok=True)
+    with open(os.path.join(OUT, "saved_workflow.json"), "w") as fh:
+        json.dump(saved, fh, indent=1)
+
+    # reload the page: the front end restores the open workflow, and the editor shows the boxes again
+    front.page.reload(wait_until="load")
+    front.wait_ready()
+    front.page.wait_for_function("() => window.app.graph.nodes.some(n => n.type === 'AttnCtl_Boxes')",
+                                 timeout=60_000)
+    restored = front.boxes_node()
+    assert restored[1] == value, (restored[1], value)
+    assert restored[2] is not None and len(restored[2]) == 1 and near(restored[2][0]["box"], resized), restored
+
+    # and loading the saved JSON into a fresh graph gives the same value and boxes
+    front.page.evaluate("async () => { await window.app.loadGraphData(); }")      # the default graph
+    assert front.boxes_node() is None
+    front.load(saved)
+    again = front.boxes_node()
+    assert again[1] == value and len(again[2]) == 1 and near(again[2][0]["box"], resized), again
+    front.canvas()
+    front.shot("04_reloaded")
+    assert not [e for e in front.errors if "attention_control" in e], front.errors
+
+
+def test_editor_reads_line_form_and_pixel_units(server, front):
+    """Typing the line form into the text widget updates the editor; in pixel units it writes pixels."""
+    front.open()
+    front.load(browser_workflow(server))
+    textarea = front.page.evaluate_handle(
+        "() => window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes').widgets.find(w => w.name === 'boxes').element")
+    textarea.as_element().fill("blue square: 0.25,0.25,0.75,0.5\nred circle: 0,0.5,0.5,1")     # typed by the user
+    front.page.wait_for_timeout(100)
+    boxes = front.boxes_node()[2]
+    assert [b["phrase"] for b in boxes] == ["blue square", "red circle"], boxes
+    assert near(boxes[0]["box"], [0.25, 0.25, 0.75, 0.5], 1e-6) and near(boxes[1]["box"], [0, 0.5, 0.5, 1], 1e-6)
+    # switch to pixels (256 x 256): the boxes stay where they are, the text is rewritten in pixels
+    front.page.evaluate("""() => {
+        const n = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes');
+        const u = n.widgets.find(w => w.name === 'units');
+        u.value = 'pixels';
+        u.callback && u.callback('pixels');
+    }""")
+    px = front.value()
+    assert px == [{"phrase": "blue square", "box": [64, 64, 192, 128]},
+                  {"phrase": "red circle", "box": [0, 128, 128, 256]}], px
+    # a drag in pixel units writes pixels
+    front.drag((0.55, 0.55), (0.95, 0.95))
+    last = front.value()[-1]["box"]
+    assert all(isinstance(v, int) for v in last) and near([v / 256 for v in last], [0.55, 0.55, 0.95, 0.95]), last
+
+
+def queue(front) -> dict:
+    """Queues the open workflow from the front end; returns the finished /history entry."""
+    with front.page.expect_response(lambda r: r.url.endswith("/api/prompt") and r.request.method == "POST",
+                                    timeout=60_000) as resp:
+        front.page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    assert resp.value.ok, resp.value.text()
+    entry = front.srv.wait(resp.value.json()["prompt_id"], timeout=RUN_TIMEOUT)
+    assert (entry.get("status") or {}).get("status_str") == "success", (entry.get("status"), front.srv.log_tail())
+    return entry
+
+
+def test_heatmap_viewer_shows_a_grid_labelled_with_the_words(server, front):
+    front.open()
+    front.load(browser_workflow(server, os.path.join(EXAMPLES, "capture_attention.json")))
+    words = front.page.evaluate("""() => window.app.graph.nodes.find(n => n.type === 'AttnCtl_CaptureAttention')
+        .widgets.find(w => w.name === 'words').value""")
+    words = [w.strip() for w in words.split(",") if w.strip()]
+    assert front.page.evaluate("() => !!window.app.graph.nodes.find(n => n.type === 'AttnCtl_AttentionHeatmap')"
+                               ".attnctlHeatmapViewer"), "no viewer on AttnCtl_AttentionHeatmap"
+    queue(front)
+    front.page.wait_for_function("""(n) => document.querySelectorAll('.attnctl-heatmap-grid img').length === n""",
+                                 arg=len(words), timeout=30_000)
+    grid = front.page.evaluate("""() => {
+        const g = document.querySelector('.attnctl-heatmap-grid');
+        return [...g.children].map(e => e.tagName === 'IMG' ? ['img', e.src, e.naturalWidth] : ['label', e.textContent]);
+    }""")
+    assert [t for kind, t, *_ in grid if kind == "label"] == words, grid
+    front.page.wait_for_function("() => [...document.querySelectorAll('.attnctl-heatmap-grid img')]"
+                                 ".every(i => i.complete && i.naturalWidth > 0)", timeout=30_000)
+    node = front.page.evaluate("() => window.app.graph.nodes.find(n => n.type === 'AttnCtl_AttentionHeatmap').pos")
+    front.page.evaluate("(p) => { const c = window.app.canvas; c.ds.offset = [-p[0] + 80, -p[1] + 140];"
+                        " c.setDirty(true, true); }", node)
+    front.page.wait_for_timeout(300)
+    front.shot("05_heatmap_viewer")
+
+    # per-step maps: a step slider, one row of word maps per kept step
+    front.page.evaluate("""() => {
+        const g = window.app.graph;
+        g.nodes.find(n => n.type === 'AttnCtl_CaptureAttention').widgets.find(w => w.name === 'keep_per_step').value = true;
+        g.nodes.find(n => n.type === 'AttnCtl_AttentionHeatmap').widgets.find(w => w.name === 'per_step').value = true;
+    }""")
+    entry = queue(front)
+    saved = [img for out in entry["outputs"].values() for img in out.get("images", [])
+             if "heatmaps" in img["filename"]]
+    frames = len(saved) // len(words)
+    assert frames > 1 and len(saved) == frames * len(words), saved
+    slider = front.page.locator("input.attnctl-heatmap-step")
+    slider.wait_for(state="visible", timeout=30_000)
+    assert int(slider.get_attribute("max")) == frames - 1
+    srcs = lambda: front.page.evaluate("() => [...document.querySelectorAll('.attnctl-heatmap-grid img')].map(i => i.src)")
+    first = srcs()
+    assert len(first) == len(words), first
+    slider.fill(str(frames - 1))                      # sets the value and fires input
+    last = srcs()
+    assert len(last) == len(words) and not set(first) & set(last), (first, last)
+    front.page.wait_for_timeout(300)
+    front.shot("06_heatmap_steps")
+
+
+@pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(EXAMPLES) if f.endswith(".json")))
+def test_example_workflow_loads_in_the_front_end(server, front, name):
+    """Every example workflow loads into the real front end: known node types, no validation alert."""
+    front.open()
+    with open(os.path.join(EXAMPLES, f"{name}.json")) as fh:
+        wf = json.load(fh)
+    front.load(wf)
+    types = front.page.evaluate("() => window.app.graph.nodes.map(n => [n.type, !!window.LiteGraph.registered_node_types[n.type]])")
+    assert len(types) == len(wf["nodes"]), types
+    unknown = [t for t, known in types if not known]
+    assert not unknown, f"node types unknown to the front end: {unknown}"
+    alerts = [e for e in front.errors if "Invalid workflow" in e or "zod" in e]
+    toast = front.page.locator(".p-toast-message").all_inner_texts()
+    assert not alerts and not [t for t in toast if "Invalid workflow" in t], (alerts, toast)

@@ -1,0 +1,633 @@
+// Attention Control: front-end widgets (vanilla JS, no dependencies).
+//
+// 1. A box editor on AttnCtl_Boxes: a canvas of the node's width x height image where boxes are drawn
+//    with the mouse (drag on an empty area = new box, drag inside a box = move it, drag a corner handle
+//    of the selected box = resize, Delete key or the "delete" button = remove the selected box). Each box
+//    carries a phrase (edit it in the text field under the canvas; double-click a box to focus it).
+//    Every change rewrites the node's `boxes` STRING widget with the JSON form
+//    [{"phrase": ..., "box": [x0, y0, x1, y1]}] (fractions rounded to 3 decimals, or whole pixels when
+//    units = pixels), so the boxes are saved in the workflow JSON and sent to the server as usual; the
+//    editor re-reads that widget (lines or JSON) whenever the text changes or a workflow is loaded.
+// 2. An attention-map viewer on AttnCtl_AttentionHeatmap: after a run, the heat maps that reached a
+//    Save/Preview node from its `heatmaps` output are shown as a grid labelled with the captured words,
+//    with a step slider when per_step is on.
+import { app } from "../../../scripts/app.js";
+import { api } from "../../../scripts/api.js";
+
+const EXT = "attention_control.widgets";
+const BOXES_NODE = "AttnCtl_Boxes";
+const HEATMAP_NODE = "AttnCtl_AttentionHeatmap";
+const CAPTURE_NODE = "AttnCtl_CaptureAttention";
+const COLORS = ["#e6194b", "#3cb44b", "#4363d8", "#f58231", "#911eb4", "#42d4f4", "#f032e6", "#bfef45",
+                "#fabed4", "#469990", "#dcbeff", "#9a6324"];
+const HANDLE_PX = 7;        // corner handle half-size, CSS pixels
+const MIN_SIDE = 0.01;      // a drawn box smaller than this (fraction of a side) is dropped
+const EDITOR_MIN_HEIGHT = 256;
+
+const clamp01 = (v) => Math.min(1, Math.max(0, v));
+const round3 = (v) => Math.round(v * 1000) / 1000;
+
+function widgetByName(node, name) {
+  return (node.widgets || []).find((w) => w.name === name);
+}
+
+// ------------------------------------------------------------------------------------ box text model
+/** Parses the `boxes` text (lines 'phrase: x0,y0,x1,y1' or JSON) into [{phrase, box}] in fractions.
+ *  Throws an Error with a short message when the text does not parse. */
+export function parseBoxesText(text, units, width, height) {
+  const sx = units === "pixels" ? 1 / Math.max(1, width) : 1;
+  const sy = units === "pixels" ? 1 / Math.max(1, height) : 1;
+  const toFrac = (b) => [b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy].map(Number);
+  const out = [];
+  const src = String(text ?? "").trim();
+  if (src.startsWith("[")) {
+    const items = JSON.parse(src);
+    if (!Array.isArray(items)) throw new Error("the JSON form must be a list");
+    items.forEach((it, n) => {
+      if (!it || !Array.isArray(it.box) || it.box.length !== 4) throw new Error(`JSON item ${n + 1} needs "box": [x0,y0,x1,y1]`);
+      const box = toFrac(it.box);
+      if (box.some((v) => !Number.isFinite(v))) throw new Error(`JSON item ${n + 1}: coordinates must be numbers`);
+      out.push({ phrase: String(it.phrase ?? "").trim(), box });
+    });
+  } else {
+    src.split(/\r?\n/).forEach((raw, n) => {
+      const line = raw.trim();
+      if (!line || line.startsWith("#")) return;
+      const at = line.lastIndexOf(":");
+      if (at < 0) throw new Error(`line ${n + 1} needs 'phrase: x0,y0,x1,y1'`);
+      const vals = line.slice(at + 1).replace(/ /g, ",").split(",").filter((v) => v.trim()).map(Number);
+      if (vals.length !== 4 || vals.some((v) => !Number.isFinite(v))) throw new Error(`line ${n + 1} needs four numbers`);
+      out.push({ phrase: line.slice(0, at).trim(), box: toFrac(vals) });
+    });
+  }
+  return out;
+}
+
+/** The JSON form of the boxes, in the node's units (fractions to 3 decimals, or whole pixels). */
+export function formatBoxes(boxes, units, width, height) {
+  const px = units === "pixels";
+  return JSON.stringify(boxes.map((b) => ({
+    phrase: b.phrase,
+    box: px ? [b.box[0] * width, b.box[1] * height, b.box[2] * width, b.box[3] * height].map(Math.round)
+            : b.box.map(round3),
+  })));
+}
+
+// ------------------------------------------------------------------------------------ box editor
+class BoxEditor {
+  constructor(node) {
+    this.node = node;
+    this.boxes = [];          // [{phrase, box: [x0, y0, x1, y1]}] in fractions
+    this.selected = -1;
+    this.drag = null;         // {mode: 'new'|'move'|'resize', index, start, orig, corner}
+    this.error = "";
+    this.lastText = null;     // the widget text the editor last read or wrote
+
+    const root = document.createElement("div");
+    root.className = "attnctl-box-editor";
+    root.tabIndex = 0;
+    Object.assign(root.style, {
+      display: "flex", flexDirection: "column", gap: "4px", width: "100%", height: "100%",
+      boxSizing: "border-box", outline: "none", fontFamily: "sans-serif", fontSize: "12px",
+    });
+    const area = document.createElement("div");
+    Object.assign(area.style, { flex: "1 1 auto", minHeight: "80px", position: "relative", overflow: "hidden" });
+    const canvas = document.createElement("canvas");
+    canvas.className = "attnctl-box-canvas";
+    Object.assign(canvas.style, { position: "absolute", cursor: "crosshair", touchAction: "none",
+                                  border: "1px solid #666", boxSizing: "border-box" });
+    area.appendChild(canvas);
+
+    const bar = document.createElement("div");
+    Object.assign(bar.style, { display: "flex", gap: "4px", alignItems: "center", flex: "0 0 auto" });
+    const phrase = document.createElement("input");
+    phrase.type = "text";
+    phrase.className = "attnctl-box-phrase";
+    phrase.placeholder = "select a box, type its phrase";
+    Object.assign(phrase.style, { flex: "1 1 auto", minWidth: "40px", background: "#222", color: "#ddd",
+                                  border: "1px solid #555", borderRadius: "3px", padding: "1px 4px" });
+    const del = document.createElement("button");
+    del.className = "attnctl-box-delete";
+    del.textContent = "delete";
+    del.title = "Delete the selected box (or press Delete)";
+    Object.assign(del.style, { flex: "0 0 auto", background: "#333", color: "#ddd", border: "1px solid #555",
+                               borderRadius: "3px", padding: "1px 6px", cursor: "pointer" });
+    const info = document.createElement("span");
+    info.className = "attnctl-box-info";
+    Object.assign(info.style, { flex: "0 0 auto", color: "#999", whiteSpace: "nowrap" });
+    bar.append(phrase, del, info);
+    root.append(area, bar);
+
+    Object.assign(this, { root, area, canvas, phrase, del, info });
+    this.bind();
+    if (typeof ResizeObserver !== "undefined") {
+      this.observer = new ResizeObserver(() => this.draw());
+      this.observer.observe(area);
+    }
+  }
+
+  // ---- node widgets
+  get units() { return widgetByName(this.node, "units")?.value ?? "fraction"; }
+  get imgW() { return Number(widgetByName(this.node, "width")?.value) || 512; }
+  get imgH() { return Number(widgetByName(this.node, "height")?.value) || 512; }
+  get textWidget() { return widgetByName(this.node, "boxes"); }
+
+  /** Re-reads the boxes from the `boxes` widget (lines or JSON). Keeps the current boxes if it does not parse. */
+  load(force = false) {
+    const w = this.textWidget;
+    if (!w) return;
+    const text = String(w.value ?? "");
+    if (!force && text === this.lastText) return;
+    this.lastText = text;
+    try {
+      this.boxes = parseBoxesText(text, this.units, this.imgW, this.imgH);
+      this.error = "";
+    } catch (e) {
+      this.error = `boxes text does not parse: ${e.message}`;
+    }
+    if (this.selected >= this.boxes.length) this.selected = -1;
+    this.syncBar();
+    this.draw();
+  }
+
+  /** Writes the boxes into the `boxes` widget as JSON (called on every change). */
+  commit() {
+    const w = this.textWidget;
+    if (!w) return;
+    const text = formatBoxes(this.boxes, this.units, this.imgW, this.imgH);
+    this.lastText = text;
+    this.error = "";
+    if (false) {
+      w.value = text;
+      w.callback?.(text);
+      this.node.setDirtyCanvas?.(true, true);
+      this.node.graph?.change?.();
+    }
+    this.syncBar();
+    this.draw();
+  }
+
+  // ---- geometry
+  /** The image rectangle inside the canvas area, CSS pixels: the width x height aspect, fitted and centred. */
+  layout() {
+    const aw = this.area.clientWidth, ah = this.area.clientHeight;
+    const ar = this.imgW / this.imgH;
+    let w = aw, h = aw / ar;
+    if (h > ah) { h = ah; w = ah * ar; }
+    return { x: (aw - w) / 2, y: (ah - h) / 2, w: Math.max(1, w), h: Math.max(1, h) };
+  }
+
+  /** An event's position as fractions of the image (the widget may be scaled by the canvas zoom). */
+  point(ev) {
+    const r = this.canvas.getBoundingClientRect();
+    return [clamp01((ev.clientX - r.left) / Math.max(1, r.width)), clamp01((ev.clientY - r.top) / Math.max(1, r.height))];
+  }
+
+  /** Handle tolerance in fractions (x, y), from the canvas's on-screen size. */
+  tolerance() {
+    const r = this.canvas.getBoundingClientRect();
+    const z = r.width / Math.max(1, this.canvas.clientWidth || r.width);
+    return [HANDLE_PX * z / Math.max(1, r.width), HANDLE_PX * z / Math.max(1, r.height)];
+  }
+
+  hitCorner(p) {
+    if (this.selected < 0) return -1;
+    const b = this.boxes[this.selected].box;
+    const [tx, ty] = this.tolerance();
+    const corners = [[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]]];
+    return corners.findIndex(([x, y]) => Math.abs(p[0] - x) <= tx * 1.5 && Math.abs(p[1] - y) <= ty * 1.5);
+  }
+
+  hitBox(p) {
+    for (let i = this.boxes.length - 1; i >= 0; i--) {
+      const b = this.boxes[i].box;
+      if (p[0] >= b[0] && p[0] <= b[2] && p[1] >= b[1] && p[1] <= b[3]) return i;
+    }
+    return -1;
+  }
+
+  // ---- events
+  bind() {
+    const c = this.canvas;
+    c.addEventListener("pointerdown", (ev) => this.onDown(ev));
+    c.addEventListener("pointermove", (ev) => this.onMove(ev));
+    c.addEventListener("pointerup", (ev) => this.onUp(ev));
+    c.addEventListener("pointercancel", (ev) => this.onUp(ev));
+    c.addEventListener("dblclick", (ev) => {
+      ev.stopPropagation();
+      const i = this.hitBox(this.point(ev));
+      if (i >= 0) {
+        this.select(i);
+        this.phrase.focus();
+        this.phrase.select();
+      }
+    });
+    // keep the graph canvas from treating these events as its own (panning, deleting the node, ...)
+    for (const type of ["mousedown", "mouseup", "click", "contextmenu"]) c.addEventListener(type, (ev) => ev.stopPropagation());
+    this.root.addEventListener("keydown", (ev) => {
+      if (ev.target === this.phrase) {
+        if (ev.key === "Enter" || ev.key === "Escape") this.root.focus();
+        ev.stopPropagation();
+        return;
+      }
+      if ((ev.key === "Delete" || ev.key === "Backspace") && this.selected >= 0) {
+        ev.preventDefault();
+        ev.stopPropagation();
+        this.remove(this.selected);
+      }
+    });
+    this.phrase.addEventListener("input", () => {
+      if (this.selected < 0) return;
+      this.boxes[this.selected].phrase = this.phrase.value;
+      this.commit();
+    });
+    for (const type of ["pointerdown", "mousedown", "keyup", "keypress"]) {
+      this.phrase.addEventListener(type, (ev) => ev.stopPropagation());
+    }
+    this.del.addEventListener("pointerdown", (ev) => ev.stopPropagation());
+    this.del.addEventListener("click", (ev) => {
+      ev.stopPropagation();
+      if (this.selected >= 0) this.remove(this.selected);
+    });
+  }
+
+  onDown(ev) {
+    if (ev.button !== 0) return;
+    ev.preventDefault();
+    ev.stopPropagation();
+    this.root.focus({ preventScroll: true });
+    const p = this.point(ev);
+    const corner = this.hitCorner(p);
+    if (corner >= 0) {
+      this.drag = { mode: "resize", index: this.selected, corner, orig: [...this.boxes[this.selected].box] };
+    } else {
+      const i = this.hitBox(p);
+      if (i >= 0) {
+        this.select(i);
+        this.drag = { mode: "move", index: i, start: p, orig: [...this.boxes[i].box] };
+      } else {
+        this.boxes.push({ phrase: this.defaultPhrase(), box: [p[0], p[1], p[0], p[1]] });
+        this.select(this.boxes.length - 1);
+        this.drag = { mode: "new", index: this.selected, start: p, orig: [p[0], p[1], p[0], p[1]] };
+      }
+    }
+    this.drag.moved = false;
+    try { this.canvas.setPointerCapture(ev.pointerId); } catch (_) { /* synthetic events */ }
+    this.draw();
+  }
+
+  onMove(ev) {
+    if (!this.drag) {
+      const p = this.point(ev);
+      this.canvas.style.cursor = this.hitCorner(p) >= 0 ? "nwse-resize" : this.hitBox(p) >= 0 ? "move" : "crosshair";
+      return;
+    }
+    ev.preventDefault();
+    ev.stopPropagation();
+    const p = this.point(ev);
+    const d = this.drag;
+    const b = this.boxes[d.index].box;
+    d.moved = true;
+    if (d.mode === "new") {
+      b.splice(0, 4, Math.min(d.start[0], p[0]), Math.min(d.start[1], p[1]), Math.max(d.start[0], p[0]),
+               Math.max(d.start[1], p[1]));
+    } else if (d.mode === "move") {
+      const w = d.orig[2] - d.orig[0], h = d.orig[3] - d.orig[1];
+      const x0 = Math.min(1 - w, Math.max(0, d.orig[0] + p[0] - d.start[0]));
+      const y0 = Math.min(1 - h, Math.max(0, d.orig[1] + p[1] - d.start[1]));
+      b.splice(0, 4, x0, y0, x0 + w, y0 + h);
+    } else {
+      // the dragged corner follows the pointer, the opposite corner stays
+      const fx = [d.orig[2], d.orig[0], d.orig[0], d.orig[2]][d.corner];
+      const fy = [d.orig[3], d.orig[3], d.orig[1], d.orig[1]][d.corner];
+      b.splice(0, 4, Math.min(fx, p[0]), Math.min(fy, p[1]), Math.max(fx, p[0]), Math.max(fy, p[1]));
+    }
+    this.draw();
+  }
+
+  onUp(ev) {
+    if (!this.drag) return;
+    ev.stopPropagation();
+    try { this.canvas.releasePointerCapture(ev.pointerId); } catch (_) { /* not captured */ }
+    const d = this.drag;
+    this.drag = null;
+    const b = this.boxes[d.index].box;
+    if ((b[2] - b[0] < MIN_SIDE || b[3] - b[1] < MIN_SIDE) && d.mode !== "move") {
+      if (d.mode === "new") {
+        this.boxes.splice(d.index, 1);     // a click on an empty area: deselect
+        this.selected = -1;
+      } else {
+        b.splice(0, 4, ...d.orig);
+      }
+      this.syncBar();
+      this.draw();
+      return;
+    }
+    if (d.moved) this.commit();
+    else this.draw();
+  }
+
+  select(i) {
+    this.selected = i;
+    this.syncBar();
+  }
+
+  remove(i) {
+    this.boxes.splice(i, 1);
+    this.selected = Math.min(i, this.boxes.length - 1);
+    this.commit();
+  }
+
+  defaultPhrase() {
+    const used = new Set(this.boxes.map((b) => b.phrase));
+    let n = this.boxes.length + 1;
+    while (used.has(`object ${n}`)) n++;
+    return `object ${n}`;
+  }
+
+  syncBar() {
+    const sel = this.boxes[this.selected];
+    if (document.activeElement !== this.phrase) this.phrase.value = sel ? sel.phrase : "";
+    this.phrase.disabled = !sel;
+    this.del.disabled = !sel;
+    if (this.error) {
+      this.info.textContent = "!";
+      this.info.title = this.error;
+      this.info.style.color = "#f66";
+    } else if (sel) {
+      const [x0, y0, x1, y1] = sel.box;
+      this.info.textContent = `${Math.round((x1 - x0) * this.imgW)}x${Math.round((y1 - y0) * this.imgH)}`;
+      this.info.title = `box ${this.selected + 1}: ${sel.box.map(round3).join(", ")}`;
+      this.info.style.color = "#999";
+    } else {
+      this.info.textContent = `${this.boxes.length} box${this.boxes.length === 1 ? "" : "es"}`;
+      this.info.title = "drag on the canvas to draw a box";
+      this.info.style.color = "#999";
+    }
+  }
+
+  // ---- drawing
+  draw() {
+    const L = this.layout();
+    const c = this.canvas;
+    Object.assign(c.style, { left: `${L.x}px`, top: `${L.y}px`, width: `${L.w}px`, height: `${L.h}px` });
+    const dpr = window.devicePixelRatio || 1;
+    const pw = Math.max(1, Math.round(L.w * dpr)), ph = Math.max(1, Math.round(L.h * dpr));
+    if (c.width !== pw || c.height !== ph) { c.width = pw; c.height = ph; }
+    const g = c.getContext("2d");
+    if (!g) return;
+    g.setTransform(dpr, 0, 0, dpr, 0, 0);
+    const W = L.w, H = L.h;
+    g.fillStyle = "#1b1b1b";
+    g.fillRect(0, 0, W, H);
+    g.strokeStyle = "#2e2e2e";
+    g.lineWidth = 1;
+    for (let k = 1; k < 4; k++) {
+      g.beginPath(); g.moveTo(Math.round(W * k / 4) + 0.5, 0); g.lineTo(Math.round(W * k / 4) + 0.5, H); g.stroke();
+      g.beginPath(); g.moveTo(0, Math.round(H * k / 4) + 0.5); g.lineTo(W, Math.round(H * k / 4) + 0.5); g.stroke();
+    }
+    g.fillStyle = "#555";
+    g.font = "10px sans-serif";
+    g.textAlign = "right";
+    g.textBaseline = "bottom";
+    g.fillText(`${this.imgW} x ${this.imgH}`, W - 3, H - 2);
+    g.textAlign = "left";
+    g.textBaseline = "top";
+    this.boxes.forEach((b, i) => {
+      const col = COLORS[i % COLORS.length];
+      const x = b.box[0] * W, y = b.box[1] * H, w = (b.box[2] - b.box[0]) * W, h = (b.box[3] - b.box[1]) * H;
+      g.globalAlpha = 0.22;
+      g.fillStyle = col;
+      g.fillRect(x, y, w, h);
+      g.globalAlpha = 1;
+      g.strokeStyle = col;
+      g.lineWidth = i === this.selected ? 2.5 : 1.5;
+      g.strokeRect(x, y, w, h);
+      const label = b.phrase || "(no phrase)";
+      g.font = "11px sans-serif";
+      const tw = g.measureText(label).width + 6;
+      g.fillStyle = col;
+      g.fillRect(x, y, Math.min(tw, Math.max(w, tw)), 14);
+      g.fillStyle = "#fff";
+      g.fillText(label, x + 3, y + 1.5);
+      if (i === this.selected) {
+        g.fillStyle = "#fff";
+        for (const [cx, cy] of [[x, y], [x + w, y], [x + w, y + h], [x, y + h]]) {
+          g.fillRect(cx - HANDLE_PX / 2, cy - HANDLE_PX / 2, HANDLE_PX, HANDLE_PX);
+        }
+      }
+    });
+    if (this.error) {
+      g.fillStyle = "#f66";
+      g.font = "11px sans-serif";
+      g.fillText("the boxes text does not parse (kept the last boxes)", 4, H - 16);
+    }
+  }
+}
+
+function attachBoxEditor(node) {
+  if (node.attnctlBoxEditor) return;
+  const editor = new BoxEditor(node);
+  node.attnctlBoxEditor = editor;
+  const widget = node.addDOMWidget("box_editor", "attnctl_box_editor", editor.root, {
+    serialize: false,                         // not a value: the `boxes` widget holds the data
+    hideOnZoom: false,
+    getValue: () => "",
+    setValue: () => {},
+    getMinHeight: () => EDITOR_MIN_HEIGHT,
+  });
+  widget.serialize = false;                   // keeps widgets_values as the server expects
+  editor.widget = widget;
+
+  const text = widgetByName(node, "boxes");
+  if (text) {
+    const cb = text.callback;
+    text.callback = function (v, ...rest) {
+      const r = cb?.apply(this, [v, ...rest]);
+      editor.load();
+      return r;
+    };
+    // the multiline text widget is a textarea: typing in it does not always call the callback
+    text.element?.addEventListener?.("input", () => editor.load());
+  }
+  const units = widgetByName(node, "units");
+  if (units) {
+    const cb = units.callback;
+    let prev = units.value;
+    units.callback = function (v, ...rest) {
+      const r = cb?.apply(this, [v, ...rest]);
+      // the boxes stay where they are on the image: rewrite the text in the new units
+      if (v !== prev && !editor.error && editor.boxes.length) editor.commit();
+      prev = v;
+      return r;
+    };
+  }
+  for (const name of ["width", "height"]) {
+    const w = widgetByName(node, name);
+    if (!w) continue;
+    const cb = w.callback;
+    w.callback = function (...args) {
+      const r = cb?.apply(this, args);
+      editor.load(true);
+      return r;
+    };
+  }
+  const onConfigure = node.onConfigure;
+  node.onConfigure = function (...args) {
+    const r = onConfigure?.apply(this, args);
+    editor.load(true);
+    ensureSize(node);
+    return r;
+  };
+  const onRemoved = node.onRemoved;
+  node.onRemoved = function (...args) {
+    editor.observer?.disconnect();
+    return onRemoved?.apply(this, args);
+  };
+  editor.load(true);
+  ensureSize(node);
+}
+
+function ensureSize(node) {
+  const min = node.computeSize?.();
+  if (!min) return;
+  const w = Math.max(node.size[0], 300, min[0]);
+  const h = Math.max(node.size[1], min[1]);
+  if (w !== node.size[0] || h !== node.size[1]) node.setSize([w, h]);
+}
+
+// ------------------------------------------------------------------------------------ heat-map viewer
+/** The words of the CaptureAttention node upstream of a heat-map node's attn_maps input. */
+function capturedWords(node) {
+  const slot = (node.inputs || []).findIndex((i) => i.name === "attn_maps");
+  let src = slot >= 0 ? node.getInputNode?.(slot) : null;
+  for (let hop = 0; src && src.comfyClass !== CAPTURE_NODE && hop < 8; hop++) {
+    src = src.getInputNode?.(0);                 // through reroutes
+  }
+  const words = src ? widgetByName(src, "words")?.value : "";
+  return String(words || "").split(",").map((s) => s.trim()).filter(Boolean);
+}
+
+/** Ids of the nodes fed by the heat-map node's `heatmaps` output (Save/Preview nodes). */
+function heatmapTargets(node) {
+  const graph = node.graph;
+  const links = node.outputs?.[0]?.links || [];
+  const ids = [];
+  for (const id of links) {
+    const link = graph?.getLink?.(id) ?? graph?.links?.[id];
+    if (link) ids.push(String(link.target_id));
+  }
+  return ids;
+}
+
+function imageUrl(img) {
+  const q = new URLSearchParams({ filename: img.filename, subfolder: img.subfolder || "", type: img.type || "output" });
+  return api.apiURL(`/view?${q.toString()}`);
+}
+
+class HeatmapViewer {
+  constructor(node) {
+    this.node = node;
+    this.images = [];
+    const root = document.createElement("div");
+    root.className = "attnctl-heatmap-viewer";
+    Object.assign(root.style, { display: "flex", flexDirection: "column", gap: "4px", width: "100%", height: "100%",
+                                overflow: "auto", fontFamily: "sans-serif", fontSize: "11px", color: "#ccc" });
+    const bar = document.createElement("div");
+    Object.assign(bar.style, { display: "none", gap: "6px", alignItems: "center" });
+    const slider = document.createElement("input");
+    slider.type = "range";
+    slider.min = "0";
+    slider.value = "0";
+    slider.className = "attnctl-heatmap-step";
+    slider.style.flex = "1 1 auto";
+    const label = document.createElement("span");
+    bar.append(slider, label);
+    const grid = document.createElement("div");
+    grid.className = "attnctl-heatmap-grid";
+    Object.assign(grid.style, { display: "grid", gap: "3px" });
+    const hint = document.createElement("div");
+    hint.textContent = "heat maps appear here after a run (connect `heatmaps` to a Save or Preview Image node)";
+    hint.style.color = "#888";
+    root.append(bar, grid, hint);
+    for (const type of ["pointerdown", "mousedown"]) slider.addEventListener(type, (ev) => ev.stopPropagation());
+    slider.addEventListener("input", () => this.render());
+    Object.assign(this, { root, bar, slider, label, grid, hint });
+  }
+
+  show(images) {
+    this.images = images || [];
+    this.render();
+  }
+
+  render() {
+    const words = capturedWords(this.node);
+    const n = this.images.length;
+    this.grid.replaceChildren();
+    this.hint.style.display = n ? "none" : "block";
+    if (!n) { this.bar.style.display = "none"; return; }
+    const cols = words.length && n % words.length === 0 ? words.length : Math.min(n, 4);
+    const rows = Math.ceil(n / cols);
+    const perStep = !!widgetByName(this.node, "per_step")?.value && rows > 1;
+    let first = 0, count = rows;
+    if (perStep) {
+      this.bar.style.display = "flex";
+      this.slider.max = String(rows - 1);
+      const s = Math.min(rows - 1, Number(this.slider.value) || 0);
+      this.label.textContent = `step map ${s + 1} / ${rows}`;
+      first = s;
+      count = 1;
+    } else {
+      this.bar.style.display = "none";
+    }
+    this.grid.style.gridTemplateColumns = `repeat(${cols}, 1fr)`;
+    for (let c = 0; c < cols; c++) {
+      const head = document.createElement("div");
+      head.textContent = words.length === cols ? words[c] : `map ${c + 1}`;
+      Object.assign(head.style, { textAlign: "center", overflow: "hidden", textOverflow: "ellipsis", whiteSpace: "nowrap" });
+      this.grid.appendChild(head);
+    }
+    for (let r = first; r < first + count; r++) {
+      for (let c = 0; c < cols; c++) {
+        const img = this.images[r * cols + c];
+        const el = document.createElement("img");
+        if (img) el.src = imageUrl(img);
+        el.alt = words[c] || "";
+        Object.assign(el.style, { width: "100%", aspectRatio: "1", objectFit: "contain", background: "#111" });
+        this.grid.appendChild(el);
+      }
+    }
+    this.node.setDirtyCanvas?.(true, true);
+  }
+}
+
+function attachHeatmapViewer(node) {
+  if (node.attnctlHeatmapViewer) return;
+  const viewer = new HeatmapViewer(node);
+  node.attnctlHeatmapViewer = viewer;
+  const widget = node.addDOMWidget("heatmap_viewer", "attnctl_heatmap_viewer", viewer.root, {
+    serialize: false, hideOnZoom: false, getValue: () => "", setValue: () => {}, getMinHeight: () => 120,
+  });
+  widget.serialize = false;
+}
+
+function onExecuted(ev) {
+  const { node: id, output } = ev.detail || {};
+  const images = output?.images;
+  if (!images?.length || !app.graph) return;
+  for (const node of app.graph.nodes || []) {
+    if (node.attnctlHeatmapViewer && heatmapTargets(node).includes(String(id))) node.attnctlHeatmapViewer.show(images);
+  }
+}
+
+app.registerExtension({
+  name: EXT,
+  async setup() {
+    api.addEventListener("executed", onExecuted);
+  },
+  async nodeCreated(node) {
+    const cls = node.comfyClass || node.constructor?.comfyClass || node.type;
+    if (cls === BOXES_NODE) attachBoxEditor(node);
+    else if (cls === HEATMAP_NODE) attachHeatmapViewer(node);
+  },
+});
