@@ -157,7 +157,7 @@ class BoxEditor {
     const text = formatBoxes(this.boxes, this.units, this.imgW, this.imgH);
     this.lastText = text;
     this.error = "";
-    if (false) {
+    if (w.value !== text) {
       w.value = text;
       w.callback?.(text);
       this.node.setDirtyCanvas?.(true, true);
