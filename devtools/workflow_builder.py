@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 
 from devtools.host import REPO
 
@@ -16,8 +17,9 @@ class Graph:
 
     def add(self, type_, widgets=(), inputs=None, outputs=(), title=None):
         nid = len(self.nodes) + 1
-        node = {"id": nid, "type": type_, "pos": [40 + 320 * (nid - 1) % 1600, 80 + 260 * ((nid - 1) // 5)],
-                "size": [300, 160], "flags": {}, "order": nid - 1, "mode": 0,
+        # a grid of 5 columns with rows tall enough for the pack's widest nodes (box editor, P2P)
+        node = {"id": nid, "type": type_, "pos": [40 + 360 * ((nid - 1) % 5), 80 + 560 * ((nid - 1) // 5)],
+                "size": [320, 480], "flags": {}, "order": nid - 1, "mode": 0,
                 "inputs": [], "outputs": [{"name": n, "type": t, "links": [], "slot_index": i}
                                          for i, (n, t) in enumerate(outputs)],
                 "properties": {"Node name for S&R": type_}, "widgets_values": list(widgets)}
@@ -32,7 +34,9 @@ class Graph:
         return nid
 
     def dump(self, path):
-        wf = {"id": os.path.splitext(os.path.basename(path))[0], "revision": 0,
+        name = os.path.splitext(os.path.basename(path))[0]
+        # the front end validates workflow ids as UUIDs: a stable one per example
+        wf = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "attention-control/" + name)), "revision": 0,
               "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
               "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
         with open(path, "w") as f:

@@ -248,7 +248,7 @@ def test_box_editor_draw_queue_and_reload(server, front):
     front.shot("03_ran")
 
     # the saved workflow holds the value in the node's widgets_values (and nothing for the editor)
-    saved = front.page.evaluate("() => window.app.graph.serialize()")
+    saved = front.page.evaluate("() => JSON.parse(JSON.stringify(window.app.graph.serialize()))")  # as a saved file
     (saved_node,) = [n for n in saved["nodes"] if n["type"] == "AttnCtl_Boxes"]
     assert saved_node["widgets_values"][0] == value and len(saved_node["widgets_values"]) == 4, saved_node
     os.makedirs(OUT, exist_ok=True)
