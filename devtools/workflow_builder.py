@@ -154,7 +154,28 @@ def tiled_diffusion(name, prompt="a red circle and a blue square", merge="multid
     return g
 
 
+def paint_with_words(name, prompt, box_text):
+    g = Graph()
+    ck = loader(g)
+    bx = g.add("AttnCtl_Boxes", [box_text, "fraction", 256, 256], outputs=[("boxes", "BOXES")])
+    paint = g.add("AttnCtl_PaintWithWords", [prompt, "ediff-i", 0.3, "", 1.0, 1.0, "all", 1.0, ""],
+                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "boxes": (bx, 0, "BOXES")},
+                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
+               inputs={"model": (paint, 0, "MODEL"), "positive": (paint, 1, "CONDITIONING"),
+                       "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
 WORKFLOWS = {
+    "paint_with_words": lambda: paint_with_words("paint_with_words", "a red circle and a blue square",
+                                                 "red circle: 0.0,0.0,0.5,0.5\nblue square: 0.5,0.5,1.0,1.0"),
     "tiled_diffusion": lambda: tiled_diffusion("tiled_diffusion", wrap=True),
     "masactrl": lambda: masactrl("masactrl", "a red circle on the left", "a red circle on the right"),
     "inversion_p2p_edit": lambda: inversion_edit("inversion_p2p_edit", "attnctl_shapes_example.png",
