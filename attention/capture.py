@@ -4,7 +4,7 @@ layers, heads and steps, on the conditional rows only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 

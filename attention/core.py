@@ -206,6 +206,16 @@ class Run:
         return self._sig_step
 
 
+def require_prompt_length(run: Run, prompt_len: int, node: str) -> None:
+    """The positive conditioning of the run must come from the node's prompt (same token count)."""
+    for c in run.conds.get("positive", []) or []:
+        ca = c.get("cross_attn") if isinstance(c, dict) else None
+        if ca is not None and ca.shape[1] != prompt_len:
+            raise AttentionControlError(
+                f"prompt: the {node} node's prompt has {prompt_len} tokens but the positive conditioning has "
+                f"{ca.shape[1]}; use the node's conditioning output, or encode the same prompt text")
+
+
 class Call:
     """What a controller knows about one attention call."""
     __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch", "attention",

@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .core import AttentionControlError, Controller, LayerSelector, Run, Site, StopForward, select_sites
+from .core import (AttentionControlError, Controller, LayerSelector, Run, StopForward, require_prompt_length,
+                   select_sites)
 from .grad import WeightReferences, autograd_weights
 from .maps import split_heads, token_columns
 
@@ -257,12 +258,7 @@ class LayoutController(Controller):
     # -- run set-up
     def begin_run(self, run: Run) -> None:
         sites = select_sites(run.router.sites, self.selector, "cross", run.latent_hw, input_name="layers")
-        for c in run.conds.get("positive", []) or []:
-            ca = c.get("cross_attn") if isinstance(c, dict) else None
-            if ca is not None and ca.shape[1] != self.prompt_len:
-                raise AttentionControlError(
-                    f"prompt: the layout node's prompt has {self.prompt_len} tokens but the positive conditioning "
-                    f"has {ca.shape[1]}; use the node's conditioning output, or encode the same prompt text")
+        require_prompt_length(run, self.prompt_len, "layout")
         d = run.data(self)
         d["keys"] = {s.key for s in sites}
         d["last"] = max(sites, key=lambda s: s.order)

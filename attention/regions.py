@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .core import AttentionControlError, Controller, LayerSelector, Run, select_sites
+from .core import AttentionControlError, Controller, LayerSelector, Run, require_prompt_length, select_sites
 from .maps import split_heads, token_columns
 
 
@@ -84,12 +84,7 @@ class PaintWithWordsController(Controller):
 
     def begin_run(self, run: Run) -> None:
         sites = select_sites(run.router.sites, self.selector, "cross", run.latent_hw, input_name="layers")
-        for c in run.conds.get("positive", []) or []:
-            ca = c.get("cross_attn") if isinstance(c, dict) else None
-            if ca is not None and ca.shape[1] != self.prompt_len:
-                raise AttentionControlError(
-                    f"prompt: the node's prompt has {self.prompt_len} tokens but the positive conditioning has "
-                    f"{ca.shape[1]}; use the node's conditioning output, or encode the same prompt text")
+        require_prompt_length(run, self.prompt_len, "paint-with-words")
         d = run.data(self)
         d["keys"] = {s.key for s in sites}
         d["cache"] = {}

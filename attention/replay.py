@@ -12,8 +12,6 @@ get the same rows as a denoised prediction; model calls between schedule points 
 """
 from __future__ import annotations
 
-import torch
-
 from .core import AttentionControlError, Controller, Run
 
 

@@ -27,8 +27,6 @@ RUN_KEY = "attention_control_run"
 GUIDE_KEY = "attention_control_guidance"
 WRAPPER_KEY = "attention_control"
 
-import torch
-
 from .core import (SUPPORTED_FAMILIES, AttentionControlError, Call, Controller, Router, Run, Site, StopForward,
                    UnsupportedModelError)
 

@@ -75,3 +75,16 @@ def run_child(module: str, *args: str, env_extra: dict | None = None, timeout: i
     if out.returncode != 0:
         raise RuntimeError(f"{module} {args} failed:\n{out.stderr[-4000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+BACKENDS = ("subquad", "sdpa")
+
+
+def add_worst(out: dict, names) -> dict:
+    """For each figure name, add the worst (largest) of its per-backend entries `name[backend]`
+    as `name`, with the per-backend target (the bar applies to each backend)."""
+    for name in names:
+        per = [out[f"{name}[{b}]"] for b in BACKENDS if f"{name}[{b}]" in out]
+        out[name] = {"value": max(r["value"] for r in per), "target": per[0]["target"], "unit": per[0]["unit"],
+                     "settings": "worst of the two CPU attention backends"}
+    return out

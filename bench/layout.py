@@ -81,7 +81,6 @@ def mem_case(backend, which):
 
 def collect(quick=False):
     out = {}
-    worst = {"it": 0.0, "im": 0.0, "rt": 0.0}
     env = {"MALLOC_ARENA_MAX": "1"}
     pairs = "2" if quick else "3"
     for backend in ("subquad", "sdpa"):
@@ -109,14 +108,7 @@ def collect(quick=False):
             "value": round(rt["ratio"], 4), "target": 3.0, "unit": "x",
             "settings": settings + f", 50 euler steps, strength 30, <= 5 iterations while E > 0.2 in the first 10 "
                                    f"steps ({rt['iterations']} iterations done), CPU time"}
-        worst["it"] = max(worst["it"], iter_ratio)
-        worst["im"] = max(worst["im"], mem_ratio)
-        worst["rt"] = max(worst["rt"], rt["ratio"])
-    for key, name, target in (("it", "layout_iter_time_ratio", 2.0), ("im", "layout_iter_mem_ratio", 2.5),
-                              ("rt", "layout_run_time_ratio", 3.0)):
-        out[name] = {"value": round(worst[key], 4), "target": target, "unit": "x",
-                     "settings": "worst of the two CPU attention backends"}
-    return out
+    return common.add_worst(out, ['layout_iter_time_ratio', 'layout_iter_mem_ratio', 'layout_run_time_ratio'])
 
 
 if __name__ == "__main__":

@@ -66,7 +66,6 @@ def mem_case(backend, which, steps):
 def collect(quick=False):
     out = {}
     steps = 20
-    worst = {"t": 0.0, "m": 0.0, "i": 0.0}
     env = {"MALLOC_ARENA_MAX": "1"}
     pairs = "2" if quick else "3"
     for backend in ("subquad", "sdpa"):
@@ -86,12 +85,7 @@ def collect(quick=False):
         out[f"inversion_step_time_ratio[{backend}]"] = {
             "value": round(inv["ratio"], 4), "target": 1.1, "unit": "x",
             "settings": settings + f", batch 1, {steps} DDIM inversion steps vs {steps} euler steps at cfg 1, CPU time"}
-        worst["t"], worst["m"], worst["i"] = max(worst["t"], t["ratio"]), max(worst["m"], mr), max(worst["i"], inv["ratio"])
-    for key, name, target in (("t", "masactrl_time_ratio", 1.05), ("m", "masactrl_peak_mem_ratio", 1.05),
-                              ("i", "inversion_step_time_ratio", 1.1)):
-        out[name] = {"value": round(worst[key], 4), "target": target, "unit": "x",
-                     "settings": "worst of the two CPU attention backends"}
-    return out
+    return common.add_worst(out, ['masactrl_time_ratio', 'masactrl_peak_mem_ratio', 'inversion_step_time_ratio'])
 
 
 if __name__ == "__main__":

@@ -97,7 +97,6 @@ def mem_case(backend, which, steps):
 def collect(quick=False):
     out = {}
     steps = 20
-    worst = {"t": 0.0, "m": 0.0, "n": 0.0}
     env = {"MALLOC_ARENA_MAX": "1"}
     for backend in ("subquad", "sdpa"):
         r = common.run_child("bench.p2p", "time", backend, "plain", str(steps), "2" if quick else "3")
@@ -115,12 +114,7 @@ def collect(quick=False):
         out[f"p2p_vs_naive_mem_ratio[{backend}]"] = {
             "value": round(nr, 4), "target": 0.5, "unit": "x",
             "settings": settings + f", extra peak RSS fused {mem['fused']:.1f} MB / naive {mem['naive']:.1f} MB"}
-        worst["t"], worst["m"], worst["n"] = max(worst["t"], r["ratio"]), max(worst["m"], mr), max(worst["n"], nr)
-    for key, name, target in (("t", "p2p_time_ratio", 1.15), ("m", "p2p_peak_mem_ratio", 1.10),
-                              ("n", "p2p_vs_naive_mem_ratio", 0.5)):
-        out[name] = {"value": round(worst[key], 4), "target": target, "unit": "x",
-                     "settings": "worst of the two CPU attention backends"}
-    return out
+    return common.add_worst(out, ['p2p_time_ratio', 'p2p_peak_mem_ratio', 'p2p_vs_naive_mem_ratio'])
 
 
 if __name__ == "__main__":

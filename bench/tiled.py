@@ -106,7 +106,6 @@ def mem_case(backend, which):
 
 def collect(quick=False):
     out = {}
-    worst = {"oh": 0.0, "mem": 0.0}
     env = {"MALLOC_ARENA_MAX": "1"}
     pairs = "2" if quick else "3"
     for backend in ("subquad", "sdpa"):
@@ -131,13 +130,7 @@ def collect(quick=False):
         out[f"tiled_batch_speedup[{backend}]"] = {
             "value": round(speedup, 4), "target": None, "unit": "x",
             "settings": settings + ", 8-tile canvas, time at tile batch 1 / time at tile batch 4, CPU time"}
-        worst["oh"] = max(worst["oh"], oh)
-        worst["mem"] = max(worst["mem"], mem_ratio)
-    out["tiled_overhead_ratio"] = {"value": round(worst["oh"], 4), "target": 1.05, "unit": "x",
-                                   "settings": "worst of the two CPU attention backends"}
-    out["tiled_panorama_mem_ratio"] = {"value": round(worst["mem"], 4), "target": 1.3, "unit": "x",
-                                       "settings": "worst of the two CPU attention backends"}
-    return out
+    return common.add_worst(out, ["tiled_overhead_ratio", "tiled_panorama_mem_ratio"])
 
 
 if __name__ == "__main__":

@@ -58,14 +58,7 @@ def p2p(name, source, targets, mode, reweight="", blend_src="", blend_tgt=""):
                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (lat, 0, "LATENT")},
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                           ("latent", "LATENT")])
-    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
-               inputs={"model": (edit, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
-                       "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
-               outputs=[("LATENT", "LATENT")])
-    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
-                outputs=[("IMAGE", "IMAGE")])
-    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
-    return g
+    return sample_and_save(g, name, ck, (edit, 0), (edit, 1), (edit, 2), (edit, 3))
 
 
 def layout(name, prompt, box_text, mode="backward"):
@@ -77,14 +70,7 @@ def layout(name, prompt, box_text, mode="backward"):
                   outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
-    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
-               inputs={"model": (guide, 0, "MODEL"), "positive": (guide, 1, "CONDITIONING"),
-                       "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
-               outputs=[("LATENT", "LATENT")])
-    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
-                outputs=[("IMAGE", "IMAGE")])
-    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
-    return g
+    return sample_and_save(g, name, ck, (guide, 0), (guide, 1), (neg, 0), (lat, 0))
 
 
 def masactrl(name, source, target):
@@ -95,14 +81,7 @@ def masactrl(name, source, target):
                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (lat, 0, "LATENT")},
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                           ("latent", "LATENT")])
-    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
-               inputs={"model": (edit, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
-                       "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
-               outputs=[("LATENT", "LATENT")])
-    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
-                outputs=[("IMAGE", "IMAGE")])
-    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
-    return g
+    return sample_and_save(g, name, ck, (edit, 0), (edit, 1), (edit, 2), (edit, 3))
 
 
 def inversion_edit(name, image, source, target):
@@ -144,14 +123,7 @@ def tiled_diffusion(name, prompt="a red circle and a blue square", merge="multid
                 outputs=[("CONDITIONING", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     lat = g.add("EmptyLatentImage", [768, 256, 1], outputs=[("LATENT", "LATENT")])
-    ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
-               inputs={"model": (tile, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
-                       "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
-               outputs=[("LATENT", "LATENT")])
-    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
-                outputs=[("IMAGE", "IMAGE")])
-    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
-    return g
+    return sample_and_save(g, name, ck, (tile, 0), (pos, 0), (neg, 0), (lat, 0))
 
 
 def paint_with_words(name, prompt, box_text):
@@ -163,9 +135,14 @@ def paint_with_words(name, prompt, box_text):
                   outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    return sample_and_save(g, name, ck, (paint, 0), (paint, 1), (neg, 0), (lat, 0))
+
+
+def sample_and_save(g, name, ck, model, positive, negative, latent):
+    """KSampler (seed 42, 20 euler steps, cfg 6) -> VAEDecode -> SaveImage; inputs are (node, slot)."""
     ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
-               inputs={"model": (paint, 0, "MODEL"), "positive": (paint, 1, "CONDITIONING"),
-                       "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
+               inputs={"model": (*model, "MODEL"), "positive": (*positive, "CONDITIONING"),
+                       "negative": (*negative, "CONDITIONING"), "latent_image": (*latent, "LATENT")},
                outputs=[("LATENT", "LATENT")])
     dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
                 outputs=[("IMAGE", "IMAGE")])

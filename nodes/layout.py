@@ -1,7 +1,6 @@
 """Nodes: AttnCtl_Boxes, AttnCtl_BoxesToMask, AttnCtl_LayoutGuidance."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector

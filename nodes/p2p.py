@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from comfy_api.latest import io
 
-from ..attention.core import AttentionControlError, LayerSelector
+from ..attention.core import AttentionControlError
 from ..attention.p2p import LocalBlendSpec, P2PController, TargetEdit, refine_mapper, replace_mapper
 from ..attention.router import attach
 from ..attention.tokens import TokenError, find_positions, flatten_chunks, parse_word_list, word_token_ids

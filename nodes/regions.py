@@ -1,7 +1,6 @@
 """Nodes: AttnCtl_PaintWithWords."""
 from __future__ import annotations
 
-import torch
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector
