@@ -42,7 +42,7 @@ def time_case(backend, which, steps, pairs):
                                        lambda: M.ksample(m, pos, neg, lat, steps=steps, cfg=7.0), pairs=pairs)
     else:
         import nodes
-        from attention_control.samplers.inversion import ddim_invert
+        from attention_control.attention.inversion_glue import ddim_invert
         one_pos, one_neg = [[pos[0][0][:1], {}]], [[neg[0][0][:1], {}]]
         img = {"samples": torch.randn(1, 4, 64, 64, generator=torch.Generator().manual_seed(1)) * 0.5}
 

@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from ..attention.core import AttentionControlError
 from ..attention.replay import ReplayController
 from ..attention.router import attach
-from ..samplers.inversion import ddim_invert, null_text_invert
+from ..attention.inversion_glue import ddim_invert, null_text_invert
 
 TrajectoryType = io.Custom("TRAJECTORY")
 
