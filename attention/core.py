@@ -187,6 +187,8 @@ class Run:
         self.stacks: dict = {}         # (kind, key) -> controllers acting at this run's size
         self._sig_obj = None
         self._sig_step = (0, 0.0)
+        self.noise = None              # the initial noise of the run (latent shape), set by the router
+        self.seed = None               # the sampler's seed, when it gives one
 
     def __deepcopy__(self, memo):
         return self
@@ -275,7 +277,8 @@ class Controller:
     selector: LayerSelector = LayerSelector()
     name = "controller"
     # controllers that also act on whole model calls (latent blending, ...) set this and override
-    # apply_model(self, apply, x, sigma, run, cond_or_uncond) -> denoised
+    # apply_model(self, apply, x, sigma, run, cond_or_uncond, options) -> denoised (options: the
+    # call's transformer_options: uuids of the cond chunks, tile pieces, ...)
     wraps_model = False
     # controllers that act on the guided prediction of a whole step (gradient guidance) set this
     # and override guide(self, predict, x, sigma, run, passes) -> denoised
@@ -306,7 +309,7 @@ class Controller:
     def attend(self, q, k, v, call: Call, nxt):
         return nxt(q, k, v)
 
-    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond):
+    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond, options=None):
         return apply(x)
 
     def guide(self, predict, x, sigma, run: Run, passes):

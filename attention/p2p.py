@@ -304,7 +304,7 @@ class P2PController(Controller):
         m = m / m.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None, None]
         return (m > self.blend.threshold).float()
 
-    def apply_model(self, apply, x, sigma, run, cond_or_uncond):
+    def apply_model(self, apply, x, sigma, run, cond_or_uncond, options=None):
         d = run.data(self)
         step, _ = run.step_of(sigma)
         mask = self.blend_mask(d, x.shape[-2:]) if step >= d.get("blend_start", 0) else None

@@ -46,7 +46,7 @@ class ReplayController(Controller):
                 f"{tuple(run.latent_hw)}; sample the inverted latent")
         self._sched = run.sigmas
 
-    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond):
+    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond, options=None):
         step, sig = run.step_of(sigma)
         s_i, s_next = run.sigmas[step], run.sigmas[step + 1]
         if abs(sig - s_i) > 1e-4 * s_i:

@@ -148,6 +148,8 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args,
     if router is None:
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
     run = Run(router, noise.shape, sigmas, getattr(guider, "conds", None))
+    run.noise = noise                 # the run's initial noise (controllers that re-noise latents use it)
+    run.seed = args[3] if len(args) > 3 else kwargs.get("seed")
     router.begin_run(run)            # validation errors surface here, before the first step
     to[RUN_KEY] = run
     ok = False
@@ -174,7 +176,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
         if i < 0:
             return lambda x_: executor(x_, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
         below = run_from(i - 1)
-        return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou)
+        return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou, transformer_options)
 
     return run_from(len(ctrls) - 1)(x)
 
@@ -243,7 +245,14 @@ def attach(model_patcher, controller: Controller):
     anything is patched.
     """
     old = get_router(model_patcher)
-    sites = old.sites if old is not None else discover_sites(model_patcher)
+    sites = old.sites if old is not None and old.sites else None
+    if sites is None:
+        try:
+            sites = discover_sites(model_patcher)
+        except UnsupportedModelError:
+            if controller.kinds:
+                raise
+            sites = ()           # a controller of whole model calls only (region bootstrapping): any family
     controller.validate_sites(sites)
     m = model_patcher.clone()
     router = Router(sites, (old.controllers if old is not None else ()) + (controller,))

@@ -45,6 +45,8 @@ import torch
 from .core import AttentionControlError
 
 MODES = ("multidiffusion", "mixture", "diffcollage")
+# key of the per-call transformer_options inside a tiled model call: {"pieces": [...], "canvas": (H, W)}
+TILE_KEY = "attention_control_tile"
 MIXTURE_SIGMA = 0.1          # Gaussian sigma as a fraction of the tile side (Mixture of Diffusers: var 0.01)
 
 

@@ -31,12 +31,12 @@ import torch
 
 from . import tiled as T
 from .core import AttentionControlError
+from .tiled import TILE_KEY
 
 log = logging.getLogger("attention_control")
 
 WRAPPER_KEY = "attention_control_tiled"
 RUN_KEY = "attention_control_tiled_run"
-TILE_KEY = "attention_control_tile"          # in the per-call transformer_options: the pieces of the call
 SIZE_CONDS = ("per tile", "as given")
 
 
