@@ -1,10 +1,13 @@
-"""Nodes: AttnCtl_PaintWithWords."""
+"""Nodes: AttnCtl_PaintWithWords, AttnCtl_RegionPrompt, AttnCtl_RegionConditioning."""
 from __future__ import annotations
 
+import torch
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.layout import boxes_to_masks
+from ..attention.region_prompts import (REGION_KEY, Region, RegionController, Regions, RegionTag, check_region,
+                                        linear_rgb_to_latent, region_weights)
 from ..attention.regions import PaintedPhrase, PaintWithWordsController
 from ..attention.router import attach
 from ..attention.tokens import parse_word_list
@@ -90,4 +93,143 @@ class PaintWithWords(io.ComfyNode):
         return io.NodeOutput(attach(model, ctrl), positive)
 
 
-NODES = [PaintWithWords]
+RegionsType = io.Custom("REGIONS")
+
+
+def single_mask(mask, input_name: str, where: str):
+    """A MASK input as one (H, W) mask: a batch of one is taken, a larger batch is an error."""
+    if mask is None:
+        return None
+    m = mask.reshape(-1, *mask.shape[-2:]) if mask.ndim >= 2 else mask
+    if m.ndim != 3 or m.shape[0] != 1:
+        raise AttentionControlError(
+            f"{input_name}: {where} got a batch of {m.shape[0]} masks; a region takes one mask: chain one Region "
+            "Prompt per mask (or pick one mask of the batch)")
+    return m[0].float()
+
+
+class RegionPrompt(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_RegionPrompt",
+            display_name="Region Prompt",
+            category=f"{CATEGORY}/regions",
+            description="Adds a region (prompt + MASK and/or BOXES + strength) to a REGIONS list; chain one per region "
+                        "and connect the list to Region Conditioning. With BOXES and an empty prompt, every box becomes "
+                        "a region with its phrase as the prompt.",
+            inputs=[
+                io.String.Input("prompt", multiline=True, default="",
+                                tooltip="What the region shows. Empty with BOXES: one region per box, prompted with "
+                                        "the box's phrase."),
+                io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
+                               tooltip="Weight of the region in the per-pixel average where regions overlap "
+                                       "(MultiDiffusion's W_i = strength x mask)."),
+                RegionsType.Input("regions", optional=True, tooltip="Regions added so far (chain the nodes)."),
+                io.Mask.Input("mask", optional=True,
+                              tooltip="The region: one MASK of any size (pixel or latent space, soft or binary); "
+                                      "resized to the latent when sampling starts."),
+                BoxesType.Input("boxes", optional=True,
+                                tooltip="BOXES (the box editor): with a prompt, the region is their union (and the "
+                                        "mask's); without, one region per box."),
+            ],
+            outputs=[RegionsType.Output(display_name="regions")],
+        )
+
+    @classmethod
+    def execute(cls, prompt, strength, regions=None, mask=None, boxes=None):
+        where = f"region {len(regions or ()) + 1}"
+        m = single_mask(mask, "mask", where)
+        new = []
+        if prompt.strip():
+            new.append(check_region(Region(prompt.strip(), m, tuple(boxes or ()), float(strength)), where))
+        elif boxes:
+            if m is not None:
+                raise AttentionControlError(
+                    f"prompt: {where} has a mask but no prompt; write the region's prompt (an empty prompt with "
+                    "BOXES makes one region per box)")
+            for i, b in enumerate(boxes):
+                new.append(check_region(Region(b.phrase, None, (b,), float(strength)),
+                                        f"region {len(regions or ()) + 1 + i}"))
+        else:
+            raise AttentionControlError(f"prompt: {where} has no prompt; write what the region should show")
+        return io.NodeOutput(Regions(tuple(regions or ()) + tuple(new)))
+
+
+def _latent_colour_map(model):
+    """RGB -> latent in the sampler's space for bootstrapping colours: the least-squares inverse of
+    the model's latent preview factors (exact for linear latents such as the shapes world), or the
+    latent's mean (zeros) for formats without them."""
+    fmt = model.get_model_object("latent_format")
+    factors = getattr(fmt, "latent_rgb_factors", None)
+    channels = int(getattr(fmt, "latent_channels", 4))
+    if factors is None or len(factors) != channels:
+        return lambda rgb: torch.zeros(rgb.shape[0], channels)
+    bias = getattr(fmt, "latent_rgb_factors_bias", None)
+    return lambda rgb: linear_rgb_to_latent(rgb, factors, bias)
+
+
+def _node_canvas(regions) -> tuple[int, int]:
+    """The size at which the conditioning's own masks are stored (the largest region mask; boxes alone:
+    512x512). The sampler re-resolves them exactly at the latent size."""
+    sizes = [tuple(r.mask.shape) for r in regions if r.mask is not None]
+    if not sizes:
+        return 512, 512
+    return max(h for h, _ in sizes), max(w for _, w in sizes)
+
+
+class RegionConditioning(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_RegionConditioning",
+            display_name="Region Conditioning (MultiDiffusion)",
+            category=f"{CATEGORY}/regions",
+            description="MultiDiffusion region-based generation: one prompt per region, the background prompt "
+                        "elsewhere, averaged per pixel every step (ComfyUI's masked conditioning), with bootstrapping "
+                        "(regions see a random constant-colour background for the first steps). Works with every "
+                        "sampler node and with Tiled Diffusion.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model (cloned; the input stays unpatched)."),
+                io.Clip.Input("clip", tooltip="Encodes the region and background prompts."),
+                RegionsType.Input("regions", tooltip="The REGIONS list from Region Prompt nodes."),
+                io.String.Input("background_prompt", multiline=True, default="",
+                                tooltip="The prompt of every pixel no region covers (weight 1 - sum of the masks)."),
+                io.Float.Input("bootstrap", default=0.4, min=0.0, max=1.0, step=0.01,
+                               tooltip="Fraction of the steps with bootstrapping (paper: 20 of 50 = 0.4; 0 = off): "
+                                       "outside its mask each region sees a random constant colour noised to the "
+                                       "current level, so its object forms inside the mask."),
+            ],
+            outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive")],
+        )
+
+    @classmethod
+    def execute(cls, model, clip, regions, background_prompt, bootstrap):
+        def encode(text):
+            return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        return io.NodeOutput(*region_conditioning(model, encode, regions, background_prompt, bootstrap))
+
+
+def region_conditioning(model, encode, regions, background_prompt: str, bootstrap: float):
+    """(patched model, positive): one masked, tagged conditioning entry list per region and one for the
+    background; `encode(text)` -> CONDITIONING (the CLIP's, or any text encoder's)."""
+    regions = tuple(regions or ())
+    if not regions:
+        raise AttentionControlError("regions: connect at least one Region Prompt")
+    for i, r in enumerate(regions):
+        check_region(r, f"regions: region {i + 1}")
+    h, w = _node_canvas(regions)
+    masks, bg = region_weights(regions, h, w)
+    ms = model.get_model_object("model_sampling")
+    ctrl = RegionController(regions, bootstrap, _latent_colour_map(model), ms.noise_scaling)
+    positive = []
+    for idx, (text, mask, strength) in enumerate([(background_prompt, bg, 1.0)] +
+                                                 [(r.prompt, m, r.strength) for r, m in zip(regions, masks)]):
+        tag = RegionTag(ctrl.owner, idx, "background" if idx == 0 else text)
+        for cond, extra in encode(text):
+            positive.append([cond, {**extra, "mask": mask[None].clone(), "set_area_to_bounds": False,
+                                    "mask_strength": 1.0, "strength": float(strength), REGION_KEY: tag}])
+    return attach(model, ctrl), positive
+
+
+NODES = [PaintWithWords, RegionPrompt, RegionConditioning]

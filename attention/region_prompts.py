@@ -1,0 +1,238 @@
+"""Region prompts: MultiDiffusion's region-based generation with bootstrapping (Bar-Tal, Yariv,
+Lipman, Dekel 2023, "MultiDiffusion: Fusing Diffusion Paths for Controlled Image Generation",
+section 4.2; reference code omerbt/MultiDiffusion, region_based.py).
+
+Each region i has a prompt and a weight map W_i (mask x strength); the background prompt gets
+W_0 = max(0, 1 - sum_i mask_i). Every step the regions' predictions are averaged per pixel,
+
+    D(x) = sum_i W_i D_i(x) / sum_i W_i ,
+
+which is exactly how ComfyUI's own `calc_cond_batch` combines masked conditioning entries (each
+entry's output weighted by its mask and strength, divided by the summed weights): the node emits
+one masked CONDITIONING entry per region (plus the background) and lets the host average them.
+With a first-order sampler step (Euler, DDIM) this is the paper's closed form: the stepped latents
+averaged with the weights W_i.
+
+What the host cannot do is the paper's *bootstrapping*: for the first fraction of the steps (20 of
+50 by default) each foreground region sees, outside its mask, a random constant colour noised to
+the current level, so that the region's prompt must put its object inside the mask:
+
+    x_i = x * m_i + noise_scaling(sigma, n, c) * (1 - m_i)
+
+with n the run's initial noise and c a constant-colour latent drawn from a pool of random colours
+(one pool per run, one draw per step and region). `RegionController` does that on the model input
+rows of each foreground entry (found by the uuid ComfyUI gives every conditioning entry), inside
+or outside a tiled model call (masks cropped per tile). The unconditional rows are not touched.
+
+Masks: any size, pixel or latent space, soft or binary; each is resized to the latent (area
+average when shrinking, bilinear when growing) when sampling starts, boxes are rasterised there
+exactly (area coverage). A region whose mask covers nothing at the latent size is an error; pixels
+that no region covers go to the background prompt; overlapping regions are averaged by weight.
+Pure torch: the host-specific pieces (noise scaling, colour -> latent) are passed in.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .core import AttentionControlError, Controller, Run
+from .layout import Box, box_coverage
+from .regions import mask_at
+from .tiled import TILE_KEY, batch_spatial
+
+# key of a region's conditioning entries: RegionTag
+REGION_KEY = "attention_control_region"
+
+
+@dataclass(frozen=True)
+class Region:
+    """One region prompt: a mask (H, W) of any size and/or boxes (fractions), and a strength."""
+    prompt: str
+    mask: torch.Tensor | None = None
+    boxes: tuple = ()
+    strength: float = 1.0
+
+    def describe(self) -> str:
+        p = self.prompt if len(self.prompt) <= 40 else self.prompt[:37] + "..."
+        return f"'{p}'"
+
+    def mask_at(self, h: int, w: int) -> torch.Tensor:
+        """(h, w) weight map in [0, 1] at a latent size: the mask resized and/or the boxes' exact
+        area coverage (their union, with the mask: the maximum)."""
+        out = torch.zeros(h, w)
+        if self.mask is not None:
+            out = torch.maximum(out, mask_at(self.mask.float(), h, w).reshape(h, w).clamp(0.0, 1.0))
+        for b in self.boxes:
+            out = torch.maximum(out, box_coverage(b, h, w))
+        return out
+
+
+class Regions(tuple):
+    """The REGIONS value: a tuple of Region, in the order they were added."""
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+@dataclass(frozen=True)
+class RegionTag:
+    """Marks a conditioning entry as region `index` (0 = background) of the node `owner`."""
+    owner: int
+    index: int
+    label: str = ""
+
+
+def check_region(region: Region, where: str) -> Region:
+    if not region.prompt.strip():
+        raise AttentionControlError(f"{where}: the region has no prompt; write what the region should show")
+    if region.mask is None and not region.boxes:
+        raise AttentionControlError(f"{where}: connect a MASK or BOXES for the region {region.describe()}")
+    if region.mask is not None:
+        m = region.mask
+        if m.ndim != 2:
+            raise AttentionControlError(f"{where}: the mask must be one (H, W) mask, got shape {tuple(m.shape)}")
+        if not torch.isfinite(m).all():
+            raise AttentionControlError(f"{where}: the mask of {region.describe()} has non-finite values")
+        if float(m.max()) <= 0.0 and not region.boxes:
+            raise AttentionControlError(
+                f"{where}: the mask of region {region.describe()} covers nothing (all zero); paint the region "
+                "or remove it")
+    if not (region.strength >= 0.0):
+        raise AttentionControlError(f"{where}: strength must be >= 0, got {region.strength}")
+    return region
+
+
+def region_weights(regions, h: int, w: int, background: bool = True) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """([(h, w) mask of each region], (h, w) background mask = max(0, 1 - sum of the masks)).
+    Raises for a region that covers nothing at this size."""
+    masks = []
+    for i, r in enumerate(regions):
+        m = r.mask_at(h, w)
+        if float(m.max()) <= 0.0:
+            raise AttentionControlError(
+                f"regions: region {i + 1} {r.describe()} covers no latent pixel at this {h}x{w} latent "
+                f"({8 * h}x{8 * w} px for an 8x VAE); enlarge its mask or box")
+        masks.append(m)
+    total = torch.stack(masks).sum(0) if masks else torch.zeros(h, w)
+    bg = (1.0 - total).clamp(0.0, 1.0) if background else torch.zeros(h, w)
+    return masks, bg
+
+
+def bootstrap_latent(x: torch.Tensor, sigma: torch.Tensor, keep: torch.Tensor, colour: torch.Tensor,
+                     noise: torch.Tensor, noise_scaling) -> torch.Tensor:
+    """x * keep + noise_scaling(sigma, noise, colour) * (1 - keep), row by row: keep (R, 1, H, W) in
+    [0, 1] (1 = the row's own latent), colour (R, C) constant latents, noise (R, C, H, W), sigma (R,).
+    Rows with keep == 1 come back bit-identical."""
+    keep = keep.to(device=x.device, dtype=x.dtype)
+    bg = noise_scaling(sigma.to(x), noise.to(device=x.device, dtype=x.dtype),
+                       colour.to(device=x.device, dtype=x.dtype)[:, :, None, None].expand_as(x))
+    return x * keep + bg * (1.0 - keep)
+
+
+class RegionController(Controller):
+    """Bootstrapping of MultiDiffusion's region-based generation on the foreground entries of the
+    node's conditioning (the averaging itself is the host's masked conditioning)."""
+    name = "region prompts"
+    kinds = frozenset()
+    wraps_model = True
+
+    def __init__(self, regions, bootstrap: float, to_latent, noise_scaling, background: bool = True):
+        if not regions:
+            raise AttentionControlError("regions: connect at least one Region Prompt")
+        if not 0.0 <= bootstrap <= 1.0:
+            raise AttentionControlError(f"bootstrap: a fraction of the steps in [0, 1], got {bootstrap}")
+        self.regions = tuple(regions)
+        self.owner = id(self)           # tags the node's conditioning entries
+        self.bootstrap = float(bootstrap)
+        self.to_latent = to_latent            # (K, 3) RGB in [0, 1] -> (K, C) latents in the sampler's space
+        self.noise_scaling = noise_scaling    # (sigma, noise, latent) -> noised latent (the model's own)
+        self.background = background
+
+    def validate_sites(self, sites) -> None:
+        return None
+
+    def begin_run(self, run: Run) -> None:
+        entries = [c for c in (run.conds.get("positive") or []) if isinstance(c, dict)
+                   and isinstance(c.get(REGION_KEY), RegionTag) and c[REGION_KEY].owner == self.owner]
+        if not entries:
+            raise AttentionControlError(
+                "positive: the sampler's positive conditioning does not come from this Region Conditioning node; "
+                "connect its positive output (it carries the region masks) to the sampler")
+        h, w = run.latent_hw
+        masks, bg = region_weights(self.regions, h, w, self.background)
+        d = run.data(self)
+        d["fg"] = {}
+        for c in entries:
+            idx = c[REGION_KEY].index
+            m = bg if idx == 0 else masks[idx - 1]
+            c["mask"] = m[None].clone()            # the host finds the latent size and does not resize
+            if idx > 0 and float(m.min()) < 1.0 and c.get("uuid") is not None:
+                d["fg"][c["uuid"]] = (idx - 1, m[None, None])
+        if float(bg.max()) <= 0.0:
+            # every pixel belongs to a region: the background entry would only cost a model call
+            pos = run.conds["positive"]
+            pos[:] = [c for c in pos if not (any(c is e for e in entries) and c[REGION_KEY].index == 0)]
+        n_boot = int(round(self.bootstrap * run.n_steps))
+        d["n_boot"] = n_boot
+        if n_boot and d["fg"]:
+            g = torch.Generator().manual_seed(int(run.seed or 0) & 0x7FFFFFFF)
+            pool = torch.rand(n_boot, 3, generator=g)                          # random RGB colours
+            d["colours"] = self.to_latent(pool)                                # (n_boot, C)
+            d["pick"] = torch.randint(0, n_boot, (n_boot, len(self.regions)), generator=g)
+            noise = run.noise
+            if noise is None or not bool(noise.abs().max() > 0):
+                # sampling without added noise (e.g. KSamplerAdvanced add_noise off): draw our own
+                noise = torch.randn(run.latent_shape, generator=g)
+            d["noise"] = noise
+
+    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond, options=None):
+        d = run.data(self)
+        if not d.get("fg") or not d.get("n_boot"):
+            return apply(x)
+        step, _ = run.step_of(sigma)
+        if step >= d["n_boot"]:
+            return apply(x)
+        options = options or {}
+        uuids = list(options.get("uuids") or [])
+        tile = options.get(TILE_KEY)
+        pieces = tile["pieces"] if tile else None
+        k = len(pieces) if pieces else 1
+        n_chunks = len(uuids) // k if uuids else 0
+        if not n_chunks or not any(u in d["fg"] for u in uuids[:n_chunks]):
+            return apply(x)
+        # masks and colours of the call's chunks on the whole canvas, then (inside a tiled call) per tile
+        noise = d["noise"]
+        B = noise.shape[0]
+        H, W = noise.shape[-2:]
+        canvas_rows = n_chunks * B
+        keep = torch.ones(canvas_rows, 1, H, W)
+        colour = torch.zeros(canvas_rows, d["colours"].shape[1])
+        for j, u in enumerate(uuids[:n_chunks]):
+            got = d["fg"].get(u)
+            if got is None:
+                continue
+            i, m = got
+            keep[j * B:(j + 1) * B] = m
+            colour[j * B:(j + 1) * B] = d["colours"][int(d["pick"][step, i])]
+        full_noise = noise.repeat(n_chunks, 1, 1, 1)
+        if pieces:
+            keep = batch_spatial(keep, pieces, H, W)
+            full_noise = batch_spatial(full_noise, pieces, H, W)
+            colour = colour.repeat(k, 1)
+        if keep.shape[0] != x.shape[0] or keep.shape[-2:] != x.shape[-2:]:
+            raise AttentionControlError(
+                f"regions: a model call of shape {tuple(x.shape)} does not match the run's latent "
+                f"{tuple(noise.shape)}; region prompts sample one latent per run")
+        sig = sigma.reshape(-1)
+        if sig.numel() == 1:
+            sig = sig.expand(x.shape[0])
+        return apply(bootstrap_latent(x, sig, keep, colour, full_noise, self.noise_scaling))
+
+
+def linear_rgb_to_latent(rgb: torch.Tensor, factors, bias=None) -> torch.Tensor:
+    """(K, 3) RGB in [0, 1] -> (K, C) latents through the least-squares inverse of a linear latent
+    preview map rgb = latent @ factors + bias (factors (C, 3): ComfyUI's latent_rgb_factors)."""
+    f = torch.as_tensor(factors, dtype=torch.float32)
+    b = torch.zeros(3) if bias is None else torch.as_tensor(bias, dtype=torch.float32)
+    return (rgb.float() - b) @ torch.linalg.pinv(f)
