@@ -118,3 +118,22 @@ def parse_index_spec(spec: str, length: int) -> list[int]:
             raise TokenError(f"words: token index {i} is outside the prompt (0..{length - 1})")
         out.append(i)
     return out
+
+
+def sequential_positions(prompt: PromptTokens, parts: list[list[int]], names: list[str], decode=None) -> list[list[int]]:
+    """Global positions of several token runs that appear in this order in the prompt (e.g. the
+    layer texts of a prompt made by joining them): each is searched after the end of the previous."""
+    content = prompt.content_positions()
+    seq = [prompt.ids[p] for p in content]
+    out, cursor = [], 0
+    for ids, name in zip(parts, names):
+        n = len(ids)
+        if n == 0:
+            out.append([])
+            continue
+        hit = next((i for i in range(cursor, len(seq) - n + 1) if seq[i:i + n] == list(ids)), None)
+        if hit is None:
+            raise TokenError(f"prompts: '{name}' was not found in the joined prompt {describe(prompt, decode)}")
+        out.append(content[hit:hit + n])
+        cursor = hit + n
+    return out
