@@ -138,6 +138,42 @@ def paint_with_words(name, prompt, box_text):
     return sample_and_save(g, name, ck, (paint, 0), (paint, 1), (neg, 0), (lat, 0))
 
 
+def region_prompts(name, box_text, background=""):
+    """Boxes -> Region Prompt (one region per box, prompted with its phrase) -> Region Conditioning."""
+    g = Graph()
+    ck = loader(g)
+    bx = g.add("AttnCtl_Boxes", [box_text, "fraction", 256, 256], outputs=[("boxes", "BOXES")])
+    reg = g.add("AttnCtl_RegionPrompt", ["", 1.0], inputs={"boxes": (bx, 0, "BOXES")},
+                outputs=[("regions", "REGIONS")])
+    cond = g.add("AttnCtl_RegionConditioning", [background, 0.4],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "regions": (reg, 0, "REGIONS")},
+                 outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    return sample_and_save(g, name, ck, (cond, 0), (cond, 1), (neg, 0), (lat, 0))
+
+
+def collage(name, layers):
+    """LoadImage per layer (RGBA PNGs in example_workflows/input) -> Collage Layer chain -> Collage Layers."""
+    g = Graph()
+    ck = loader(g)
+    prev = None
+    for image, prompt, strength in layers:
+        img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
+        inputs = {"image": (img, 0, "IMAGE"), "mask": (img, 1, "MASK")}
+        if prev is not None:
+            inputs["layers"] = (prev, 0, "COLLAGE_LAYERS")
+        prev = g.add("AttnCtl_CollageLayer", [prompt, strength, "transparency (LoadImage's MASK)"], inputs=inputs,
+                     outputs=[("layers", "COLLAGE_LAYERS")])
+    col = g.add("AttnCtl_CollageLayers", [1.0, 1.0, 8, 8.0],
+                inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "vae": (ck, 2, "VAE"),
+                        "layers": (prev, 0, "COLLAGE_LAYERS")},
+                outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("latent", "LATENT"),
+                         ("layer_masks", "MASK"), ("composite", "IMAGE")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    return sample_and_save(g, name, ck, (col, 0), (col, 1), (neg, 0), (col, 2))
+
+
 def sample_and_save(g, name, ck, model, positive, negative, latent):
     """KSampler (seed 42, 20 euler steps, cfg 6) -> VAEDecode -> SaveImage; inputs are (node, slot)."""
     ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
@@ -151,6 +187,10 @@ def sample_and_save(g, name, ck, model, positive, negative, latent):
 
 
 WORKFLOWS = {
+    "region_prompts": lambda: region_prompts("region_prompts", "red circle: 0.0,0.0,0.5,1.0\nblue square: 0.5,0.0,1.0,1.0"),
+    "collage_layers": lambda: collage("collage_layers", [("attnctl_collage_background.png", "", 0.8),
+                                                         ("attnctl_collage_red_circle.png", "a red circle", 0.5),
+                                                         ("attnctl_collage_blue_square.png", "a blue square", 0.7)]),
     "paint_with_words": lambda: paint_with_words("paint_with_words", "a red circle and a blue square",
                                                  "red circle: 0.0,0.0,0.5,0.5\nblue square: 0.5,0.5,1.0,1.0"),
     "tiled_diffusion": lambda: tiled_diffusion("tiled_diffusion", wrap=True),
@@ -170,8 +210,28 @@ WORKFLOWS = {
 }
 
 
+def collage_inputs(out_dir):
+    """The RGBA layer PNGs of the collage example (256x256): a light grey background, a red circle and
+    a blue square on transparent layers."""
+    import numpy as np
+    from PIL import Image
+    n = 256
+    yy, xx = np.mgrid[0:n, 0:n] + 0.5
+    bg = np.zeros((n, n, 4), np.uint8)
+    bg[...] = (225, 225, 225, 255)
+    disc = (xx - 80) ** 2 + (yy - 96) ** 2 <= 48 ** 2
+    red = np.zeros((n, n, 4), np.uint8)
+    red[disc] = (230, 26, 26, 255)
+    sq = (np.abs(xx - 176) <= 40) & (np.abs(yy - 168) <= 40)
+    blue = np.zeros((n, n, 4), np.uint8)
+    blue[sq] = (26, 51, 230, 255)
+    for name, a in (("background", bg), ("red_circle", red), ("blue_square", blue)):
+        Image.fromarray(a, "RGBA").save(os.path.join(out_dir, f"attnctl_collage_{name}.png"))
+
+
 def main():
     out_dir = os.path.join(REPO, "example_workflows")
+    collage_inputs(os.path.join(out_dir, "input"))
     for name, build in WORKFLOWS.items():
         build().dump(os.path.join(out_dir, f"{name}.json"))
 
