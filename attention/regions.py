@@ -55,6 +55,24 @@ def paint_logits(scores: torch.Tensor, scale: float, sigma: float, bias: torch.T
     return logits
 
 
+def merge_rows(q, k, v, nxt, rows: torch.Tensor, out_rows: torch.Tensor) -> torch.Tensor:
+    """The call's output with `rows` taken from `out_rows` and the others from `nxt`. When `nxt`
+    is the host's bare attention, it only computes the other rows."""
+    if getattr(nxt, "bare", False):
+        keep = torch.ones(q.shape[0], dtype=torch.bool, device=q.device)
+        keep[rows] = False
+        out = out_rows.new_empty(q.shape[0], q.shape[1], out_rows.shape[-1])
+        if bool(keep.any()):
+            other = keep.nonzero().flatten()
+            out.index_copy_(0, other, nxt(q.index_select(0, other), k.index_select(0, other),
+                                          v.index_select(0, other)).to(out.dtype))
+        out.index_copy_(0, rows, out_rows)
+        return out
+    out = nxt(q, k, v).clone()           # q, k, v are not read after nxt
+    out.index_copy_(0, rows, out_rows.to(out.dtype))
+    return out
+
+
 class PaintWithWordsController(Controller):
     name = "paint with words"
     kinds = frozenset({"cross"})
@@ -127,6 +145,4 @@ class PaintWithWordsController(Controller):
                               self.weight, self.s_pos, self.s_neg)
         out_rows = torch.matmul(logits.softmax(-1).to(vh.dtype), vh)
         out_rows = out_rows.transpose(1, 2).reshape(rows.numel(), q.shape[1], -1)
-        out = nxt(q, k, v).clone()           # q, k, v are not read after nxt
-        out.index_copy_(0, rows, out_rows.to(out.dtype))
-        return out
+        return merge_rows(q, k, v, nxt, rows, out_rows)

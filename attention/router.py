@@ -95,6 +95,19 @@ def default_attention(q, k, v, extra: dict, inner=None):
         q, k, v, extra["n_heads"], attn_precision=extra.get("attn_precision"), transformer_options=extra)
 
 
+class _Default:
+    """The innermost `nxt` of a stack: the pre-existing patch or the host's attention. `bare` says
+    that it is the host's own row-independent attention, so a controller may hand it a subset of
+    the rows (e.g. only the rows it does not compute itself)."""
+    __slots__ = ("extra", "inner", "bare")
+
+    def __init__(self, extra: dict, inner):
+        self.extra, self.inner, self.bare = extra, inner, inner is None
+
+    def __call__(self, q, k, v):
+        return default_attention(q, k, v, self.extra, self.inner)
+
+
 class RouterPatch:
     """The callable installed in patches_replace; stateless apart from its site and inner patch."""
 
@@ -130,7 +143,7 @@ class RouterPatch:
 
         def run_from(i):
             if i < 0:
-                return lambda q_, k_, v_: default_attention(q_, k_, v_, extra_options, inner)
+                return _Default(extra_options, inner)
             ctrl = stack[i]
             below = run_from(i - 1)
             return lambda q_, k_, v_: ctrl.attend(q_, k_, v_, call, below)

@@ -122,3 +122,26 @@ def test_sdxl_shaped_model(sdxl):
     ref = M.ksample(sdxl, pos, neg, M.latent(1, 16, 16), steps=2)
     out = M.ksample(m, pos, neg, M.latent(1, 16, 16), steps=2)
     assert torch.isfinite(out).all() and not torch.equal(out, ref)
+
+
+def test_merge_rows_hands_the_bare_host_only_the_other_rows():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(4, 6, 8, generator=g) for _ in range(3))
+    seen = []
+
+    def host(q_, k_, v_):
+        seen.append(q_.shape[0])
+        return torch.softmax(q_ @ k_.transpose(1, 2), -1) @ v_
+
+    class Bare:
+        bare = True
+
+        def __call__(self, q_, k_, v_):
+            return host(q_, k_, v_)
+
+    rows = torch.tensor([2, 3])
+    mine = torch.randn(2, 6, 8, generator=g)
+    full = R.merge_rows(q, k, v, host, rows, mine)
+    part = R.merge_rows(q, k, v, Bare(), rows, mine)
+    assert seen == [4, 2]
+    assert torch.allclose(full, part, atol=1e-6) and torch.equal(part[2:], mine)
