@@ -43,6 +43,8 @@ from .tiled import TILE_KEY, batch_spatial
 
 # key of a region's conditioning entries: RegionTag
 REGION_KEY = "attention_control_region"
+# constant backgrounds of bootstrapping: random RGB colours (the paper) or random grey levels
+BOOTSTRAP_COLOURS = ("random", "grey")
 
 
 @dataclass(frozen=True)
@@ -137,11 +139,15 @@ class RegionController(Controller):
     kinds = frozenset()
     wraps_model = True
 
-    def __init__(self, regions, bootstrap: float, to_latent, noise_scaling, background: bool = True):
+    def __init__(self, regions, bootstrap: float, to_latent, noise_scaling, background: bool = True,
+                 colours: str = "random"):
         if not regions:
             raise AttentionControlError("regions: connect at least one Region Prompt")
         if not 0.0 <= bootstrap <= 1.0:
             raise AttentionControlError(f"bootstrap: a fraction of the steps in [0, 1], got {bootstrap}")
+        if colours not in BOOTSTRAP_COLOURS:
+            raise AttentionControlError(f"bootstrap_colours: '{colours}' is not one of {', '.join(BOOTSTRAP_COLOURS)}")
+        self.colours = colours
         self.regions = tuple(regions)
         self.owner = id(self)           # tags the node's conditioning entries
         self.bootstrap = float(bootstrap)
@@ -178,6 +184,8 @@ class RegionController(Controller):
         if n_boot and d["fg"]:
             g = torch.Generator().manual_seed(int(run.seed or 0) & 0x7FFFFFFF)
             pool = torch.rand(n_boot, 3, generator=g)                          # random RGB colours
+            if self.colours == "grey":
+                pool = pool[:, :1].expand(n_boot, 3)
             d["colours"] = self.to_latent(pool)                                # (n_boot, C)
             d["pick"] = torch.randint(0, n_boot, (n_boot, len(self.regions)), generator=g)
             noise = run.noise

@@ -145,7 +145,7 @@ def region_prompts(name, box_text, background=""):
     bx = g.add("AttnCtl_Boxes", [box_text, "fraction", 256, 256], outputs=[("boxes", "BOXES")])
     reg = g.add("AttnCtl_RegionPrompt", ["", 1.0], inputs={"boxes": (bx, 0, "BOXES")},
                 outputs=[("regions", "REGIONS")])
-    cond = g.add("AttnCtl_RegionConditioning", [background, 0.4],
+    cond = g.add("AttnCtl_RegionConditioning", [background, 0.4, "random"],
                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "regions": (reg, 0, "REGIONS")},
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])

@@ -6,8 +6,8 @@ from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.layout import boxes_to_masks
-from ..attention.region_prompts import (REGION_KEY, Region, RegionController, Regions, RegionTag, check_region,
-                                        linear_rgb_to_latent, region_weights)
+from ..attention.region_prompts import (BOOTSTRAP_COLOURS, REGION_KEY, Region, RegionController, Regions, RegionTag,
+                                        check_region, linear_rgb_to_latent, region_weights)
 from ..attention.regions import PaintedPhrase, PaintWithWordsController
 from ..attention.router import attach
 from ..attention.tokens import parse_word_list
@@ -199,18 +199,23 @@ class RegionConditioning(io.ComfyNode):
                                tooltip="Fraction of the steps with bootstrapping (paper: 20 of 50 = 0.4; 0 = off): "
                                        "outside its mask each region sees a random constant colour noised to the "
                                        "current level, so its object forms inside the mask."),
+                io.Combo.Input("bootstrap_colours", options=list(BOOTSTRAP_COLOURS), default="random",
+                               tooltip="The constant backgrounds of bootstrapping: random RGB colours (the paper) or "
+                                       "random grey levels (for models whose backgrounds a saturated colour would "
+                                       "tint)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive")],
         )
 
     @classmethod
-    def execute(cls, model, clip, regions, background_prompt, bootstrap):
+    def execute(cls, model, clip, regions, background_prompt, bootstrap, bootstrap_colours="random"):
         def encode(text):
             return clip.encode_from_tokens_scheduled(clip.tokenize(text))
-        return io.NodeOutput(*region_conditioning(model, encode, regions, background_prompt, bootstrap))
+        return io.NodeOutput(*region_conditioning(model, encode, regions, background_prompt, bootstrap,
+                                                  bootstrap_colours))
 
 
-def region_conditioning(model, encode, regions, background_prompt: str, bootstrap: float):
+def region_conditioning(model, encode, regions, background_prompt: str, bootstrap: float, colours: str = "random"):
     """(patched model, positive): one masked, tagged conditioning entry list per region and one for the
     background; `encode(text)` -> CONDITIONING (the CLIP's, or any text encoder's)."""
     regions = tuple(regions or ())
@@ -221,7 +226,7 @@ def region_conditioning(model, encode, regions, background_prompt: str, bootstra
     h, w = _node_canvas(regions)
     masks, bg = region_weights(regions, h, w)
     ms = model.get_model_object("model_sampling")
-    ctrl = RegionController(regions, bootstrap, _latent_colour_map(model), ms.noise_scaling)
+    ctrl = RegionController(regions, bootstrap, _latent_colour_map(model), ms.noise_scaling, colours=colours)
     positive = []
     for idx, (text, mask, strength) in enumerate([(background_prompt, bg, 1.0)] +
                                                  [(r.prompt, m, r.strength) for r, m in zip(regions, masks)]):

@@ -95,11 +95,11 @@ def test_background_weight_and_overlaps():
     assert torch.allclose(bg, torch.full((4, 4), 0.75))
 
 
-def _spied(sd15, clip_l, bootstrap, mask, steps=4, background="grey wall"):
+def _spied(sd15, clip_l, bootstrap, mask, steps=4, background="grey wall", colours="random"):
     inner, outer = Spy(), Spy()
     base = attach(sd15, inner)
     regs = region("a red circle", mask=mask)
-    m, pos = _res(RegionConditioning.execute(base, clip_l, regs, background, bootstrap))
+    m, pos = _res(RegionConditioning.execute(base, clip_l, regs, background, bootstrap, colours))
     m = attach(m, outer)
     out = M.ksample(m, pos, encode(clip_l, ""), M.latent(1, 16, 16), seed=9, steps=steps)
     return inner, outer, pos, out
@@ -124,9 +124,10 @@ def test_bootstrapping_replaces_only_outside_the_mask_and_only_in_the_bootstrap_
     assert changed_steps == {0, 1}                                              # 0.5 of 4 steps
 
 
-def test_bootstrap_background_is_a_noised_constant_colour(sd15, clip_l):
+@pytest.mark.parametrize("colours", ["random", "grey"])
+def test_bootstrap_background_is_a_noised_constant_colour(sd15, clip_l, colours):
     mask = half(16, 16)
-    inner, outer, _, _ = _spied(sd15, clip_l, 0.25, mask, steps=4)
+    inner, outer, _, _ = _spied(sd15, clip_l, 0.25, mask, steps=4, colours=colours)
     c = inner.calls[0]
     sigma = float(c["sigma"][0])
     x = c["x"][1]
@@ -136,6 +137,13 @@ def test_bootstrap_background_is_a_noised_constant_colour(sd15, clip_l):
     colour = (x - sigma * noise)[:, :, 8:]
     spread = (colour - colour.mean(dim=(1, 2), keepdim=True)).abs().max()
     assert spread < 1e-3 * sigma
+    if colours == "grey":
+        # SD1.5's latent preview map takes the colour back to equal R, G and B
+        import comfy.latent_formats
+        f = comfy.latent_formats.SD15()
+        bias = torch.tensor(f.latent_rgb_factors_bias or [0.0] * 3)
+        rgb = colour.mean(dim=(1, 2)) @ torch.tensor(f.latent_rgb_factors) + bias
+        assert float(rgb.max() - rgb.min()) < 1e-4
 
 
 def test_bootstrap_zero_is_the_hosts_masked_conditioning(sd15, clip_l):
@@ -239,6 +247,8 @@ def test_errors_name_the_input(sd15, clip_l):
         region("a red circle")
     with pytest.raises(AttentionControlError, match="bootstrap"):
         RegionConditioning.execute(sd15, clip_l, region("a", mask=half()), "", 1.5)
+    with pytest.raises(AttentionControlError, match="bootstrap_colours"):
+        RegionConditioning.execute(sd15, clip_l, region("a", mask=half()), "", 0.4, "pink")
     # a sampler fed another positive: error before the first step, the server's model untouched
     m, _ = _res(RegionConditioning.execute(sd15, clip_l, region("a red circle", mask=half()), "", 0.4))
     with pytest.raises(AttentionControlError, match="positive"):
