@@ -66,7 +66,7 @@ def collect(quick: bool = False) -> dict:
             "settings": f"tiny SD1.5-shaped UNet (attention at 32x32 and 16x16), 64x64 latent, {steps} euler steps, 2 words all layers, "
                         f"attention={r['attention']}, CPU time, median of interleaved pairs"}
         worst = max(worst, r["ratio"])
-        env = {"MALLOC_ARENA_MAX": "1"}
+        env = common.MEM_ENV
         reps = 1 if quick else 2
         m20 = min(common.run_child("bench.capture", "mem", backend, "20", env_extra=env)["extra_mb"]
                   for _ in range(reps))
@@ -75,7 +75,7 @@ def collect(quick: bool = False) -> dict:
         out[f"capture_memory_growth_mb[{backend}]"] = {
             "value": round(m100 - m20, 2), "target": 5.0, "unit": "MB",
             "settings": f"extra peak RSS after 100 steps ({m100:.1f} MB) minus after 20 ({m20:.1f} MB), fresh processes, "
-                        f"min of {reps}, MALLOC_ARENA_MAX=1"}
+                        f"min of {reps}, MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=131072"}
     out["capture_overhead_ratio"] = {"value": round(worst, 4), "target": 1.10, "unit": "x",
                                      "settings": "worst of the two CPU attention backends"}
     out["capture_memory_growth_mb"] = {

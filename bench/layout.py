@@ -81,7 +81,7 @@ def mem_case(backend, which):
 
 def collect(quick=False):
     out = {}
-    env = {"MALLOC_ARENA_MAX": "1"}
+    env = common.MEM_ENV
     pairs = "2" if quick else "3"
     for backend in ("subquad", "sdpa"):
         it = common.run_child("bench.layout", "time", backend, "iter", pairs)

@@ -66,7 +66,7 @@ def mem_case(backend, which, steps):
 def collect(quick=False):
     out = {}
     steps = 20
-    env = {"MALLOC_ARENA_MAX": "1"}
+    env = common.MEM_ENV
     pairs = "2" if quick else "3"
     for backend in ("subquad", "sdpa"):
         t = common.run_child("bench.masactrl", "time", backend, "masactrl", str(steps), pairs)

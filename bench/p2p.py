@@ -97,7 +97,7 @@ def mem_case(backend, which, steps):
 def collect(quick=False):
     out = {}
     steps = 20
-    env = {"MALLOC_ARENA_MAX": "1"}
+    env = common.MEM_ENV
     for backend in ("subquad", "sdpa"):
         r = common.run_child("bench.p2p", "time", backend, "plain", str(steps), "2" if quick else "3")
         mem = {w: min(common.run_child("bench.p2p", "mem", backend, w, "4", env_extra=env)["extra_mb"]
