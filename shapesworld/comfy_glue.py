@@ -46,7 +46,8 @@ UNET_CONFIG = {
     # input blocks per level (32, 16, 8): attention at 16 and 8
     "transformer_depth": [0, 1, 1],
     "transformer_depth_middle": 1,
-    # output blocks from the deepest level: 8, 8, 16, 16, 32, 32
+    # ComfyUI pops this list from the end for output blocks 0, 1, ... (deepest level first): output
+    # blocks 0-1 (8x8) get 0, 2-3 (16x16) and 4-5 (32x32) get one transformer each
     "transformer_depth_output": [1, 1, 1, 1, 0, 0],
     "use_spatial_transformer": True,
     "legacy": False,
