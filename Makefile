@@ -27,7 +27,7 @@ bench: venv
 	$(PY) -m bench.run
 
 shapes-model: venv
-	$(PY) -m shapesworld.train --out shapesworld/weights/shapes_world.safetensors --steps 2200 --stop-at 1700
+	$(PY) -m shapesworld.train --out shapesworld/weights/shapes_world.safetensors --steps 2600
 
 clean:
 	rm -rf out bench/_runs .venv
