@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .core import AttentionControlError, Controller, LayerSelector, Run, require_prompt_length, select_sites
 from .maps import split_heads, token_columns
+from .tiled import TILE_KEY, canvas_level, crop_per_piece
 
 
 @dataclass
@@ -126,6 +127,26 @@ class PaintWithWordsController(Controller):
             d["cache"][key] = got
         return got
 
+    def _tiled_bias(self, d, call, key_len, device):
+        """Inside a tiled model call (Tiled Diffusion): the bias and masks of each cond row, cropped
+        from the canvas-level ones for the row's tile: ((R, 1, N, K) bias, cols, (R, 1, N, P) masks,
+        strengths)."""
+        tile = call.extra.get(TILE_KEY)
+        pieces, (H, W) = tuple(tile["pieces"]), tile["canvas"]
+        hc, wc = canvas_level(H, W, call.site.ds)
+        key = ("tiles", pieces, hc, wc, key_len, device)
+        got = d["cache"].get(key)
+        if got is None:
+            bias, cols, cmask, strength = self._bias(d, hc, wc, key_len, device)
+            per = lambda t: crop_per_piece(t.T.reshape(-1, hc, wc), pieces, H, W).flatten(2).transpose(1, 2)  # noqa: E731
+            got = (per(bias), cols, per(cmask), strength)          # (pieces, N, K), (pieces, N, P)
+            d["cache"][key] = got
+        bias_p, cols, cmask_p, strength = got
+        per_chunk = max(len(call.cond_or_uncond) // len(pieces), 1)
+        piece_of_row = torch.tensor([j // per_chunk for j in call.cond_chunks() for _ in range(call.batch)],
+                                    device=device)
+        return bias_p[piece_of_row][:, None], cols, cmask_p[piece_of_row][:, None], strength
+
     def attend(self, q, k, v, call, nxt):
         d = call.run.data(self)
         n = call.run.n_steps
@@ -140,7 +161,10 @@ class PaintWithWordsController(Controller):
         vh = split_heads(v.index_select(0, rows), heads)
         scale = qh.shape[-1] ** -0.5
         scores = torch.matmul(qh, kh.transpose(-1, -2))                       # (R, h, N, K) unscaled
-        bias, cols, cmask, strength = self._bias(d, call.h, call.w, k.shape[1], q.device)
+        if call.extra.get(TILE_KEY):
+            bias, cols, cmask, strength = self._tiled_bias(d, call, k.shape[1], q.device)
+        else:
+            bias, cols, cmask, strength = self._bias(d, call.h, call.w, k.shape[1], q.device)
         logits = paint_logits(scores, scale, max(float(call.sigma), 0.0), bias, cols, cmask, strength, self.mode,
                               self.weight, self.s_pos, self.s_neg)
         out_rows = torch.matmul(logits.softmax(-1).to(vh.dtype), vh)

@@ -244,6 +244,18 @@ def crop(t: torch.Tensor, piece: Piece, height: int, width: int) -> torch.Tensor
     return torch.cat([r[..., cs:cs + n] for cs, _, n in parts], dim=-1)
 
 
+def canvas_level(height: int, width: int, ds: int) -> tuple[int, int]:
+    """(h, w) of the canvas at a UNet level with downscale factor ds (ceil-halving per level)."""
+    k = max(int(ds), 1).bit_length() - 1
+    return _ceil_halve(height, k), _ceil_halve(width, k)
+
+
+def crop_per_piece(t: torch.Tensor, pieces, height: int, width: int) -> torch.Tensor:
+    """(P, ..., h, w): each piece's crop of a canvas tensor (..., H_l, W_l) at the canvas size or one
+    of its levels, stacked."""
+    return torch.stack([crop(t, p, height, width) for p in pieces])
+
+
 def _ceil_halve(n: int, k: int) -> int:
     for _ in range(k):
         n = (n + 1) // 2

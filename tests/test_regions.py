@@ -145,3 +145,45 @@ def test_merge_rows_hands_the_bare_host_only_the_other_rows():
     part = R.merge_rows(q, k, v, Bare(), rows, mine)
     assert seen == [4, 2]
     assert torch.allclose(full, part, atol=1e-6) and torch.equal(part[2:], mine)
+
+
+def test_paint_on_a_tiled_canvas_crops_the_mask_per_tile():
+    from types import SimpleNamespace
+    from attention_control.attention import tiled as T
+    mask = torch.zeros(8, 16)
+    mask[:, :5] = 1.0                                              # left part of an 8x16 canvas
+    ctrl = R.PaintWithWordsController([R.PaintedPhrase("x", [2], mask, 1.0)], 77, 0.1)
+    plan = T.plan_tiles(8, 16, T.TileConfig(8, 8, 0))
+    call = SimpleNamespace(extra={T.TILE_KEY: {"pieces": list(plan.pieces), "canvas": (8, 16)}},
+                           site=SimpleNamespace(ds=1), cond_or_uncond=[1, 0, 1, 0], batch=1,
+                           cond_chunks=lambda: [1, 3])
+    d = {"cache": {}}
+    bias, cols, cmask, _s = ctrl._tiled_bias(d, call, 77, torch.device("cpu"))
+    full, _c, _m, _s2 = ctrl._bias(d, 8, 16, 77, torch.device("cpu"))
+    full = full[:, 2].reshape(8, 16)
+    assert bias.shape == (2, 1, 64, 77) and cols == [2]
+    assert torch.equal(bias[0, 0, :, 2].reshape(8, 8), full[:, :8])
+    assert torch.equal(bias[1, 0, :, 2].reshape(8, 8), full[:, 8:])
+    assert bias[1].abs().max() == 0                                  # the right tile has no painted pixel
+    # a layer at half resolution: the canvas level is 4x8, each tile's crop 4x4
+    call.site = SimpleNamespace(ds=2)
+    bias2 = ctrl._tiled_bias(d, call, 77, torch.device("cpu"))[0]
+    full2 = ctrl._bias(d, 4, 8, 77, torch.device("cpu"))[0][:, 2].reshape(4, 8)
+    assert bias2.shape == (2, 1, 16, 77)
+    assert torch.equal(bias2[0, 0, :, 2].reshape(4, 4), full2[:, :4])
+    assert torch.equal(bias2[1, 0, :, 2].reshape(4, 4), full2[:, 4:])
+
+
+def test_paint_with_one_tile_covering_the_canvas_equals_untiled(sd15, clip_l):
+    from attention_control.nodes.tiled import TiledDiffusion
+    m = paint(sd15, clip_l, weight=0.5)[0]
+    pos, neg = clip_l.encode_from_tokens_scheduled(clip_l.tokenize(PROMPT)), M.cond(1, seed=2)
+    ref = M.ksample(m, pos, neg, M.latent(1, 16, 16), steps=2)
+    mt = _res(TiledDiffusion.execute(m, 128, 128, 0, "multidiffusion", 1, False))[0]
+    assert torch.equal(M.ksample(mt, pos, neg, M.latent(1, 16, 16), steps=2), ref)
+    # two tiles: painting still acts (the canvas mask is cropped per tile)
+    mt2 = _res(TiledDiffusion.execute(m, 64, 128, 0, "multidiffusion", 1, False))[0]
+    plain2 = _res(TiledDiffusion.execute(sd15, 64, 128, 0, "multidiffusion", 1, False))[0]
+    a = M.ksample(mt2, pos, neg, M.latent(1, 16, 16), steps=2)
+    b = M.ksample(plain2, pos, neg, M.latent(1, 16, 16), steps=2)
+    assert torch.isfinite(a).all() and not torch.equal(a, b)
