@@ -20,9 +20,12 @@ the current level, so that the region's prompt must put its object inside the ma
     x_i = x * m_i + noise_scaling(sigma, n, c) * (1 - m_i)
 
 with n the run's initial noise and c a constant-colour latent drawn from a pool of random colours
-(one pool per run, one draw per step and region). `RegionController` does that on the model input
-rows of each foreground entry (found by the uuid ComfyUI gives every conditioning entry), inside
-or outside a tiled model call (masks cropped per tile). The unconditional rows are not touched.
+(one pool per run, one draw per step and region). As in the paper, each region's classifier-free
+guidance is taken at its own bootstrapped latent (its prompt and the negative, both at x_i), so in
+the bootstrap steps `RegionController` computes the step's prediction itself through the guider
+(PREDICT_NOISE wrapper: the host's `sampling_function` per region, the host's conditioning weights
+for the average); the other steps are the host's own. Tiled Diffusion composes underneath (each
+of those model calls is tiled).
 
 Masks: any size, pixel or latent space, soft or binary; each is resized to the latent (area
 average when shrinking, bilinear when growing) when sampling starts, boxes are rasterised there
@@ -39,7 +42,6 @@ import torch
 from .core import AttentionControlError, Controller, Run
 from .layout import Box, box_coverage
 from .regions import mask_at
-from .tiled import TILE_KEY, batch_spatial
 
 # key of a region's conditioning entries: RegionTag
 REGION_KEY = "attention_control_region"
@@ -133,11 +135,11 @@ def bootstrap_latent(x: torch.Tensor, sigma: torch.Tensor, keep: torch.Tensor, c
 
 
 class RegionController(Controller):
-    """Bootstrapping of MultiDiffusion's region-based generation on the foreground entries of the
-    node's conditioning (the averaging itself is the host's masked conditioning)."""
+    """Bootstrapping of MultiDiffusion's region-based generation (the averaging itself is the host's
+    masked conditioning; in the bootstrap steps the controller computes the step's prediction)."""
     name = "region prompts"
     kinds = frozenset()
-    wraps_model = True
+    wraps_guider = True
 
     def __init__(self, regions, bootstrap: float, to_latent, noise_scaling, background: bool = True,
                  colours: str = "random"):
@@ -158,9 +160,12 @@ class RegionController(Controller):
     def validate_sites(self, sites) -> None:
         return None
 
+    def _entries(self, conds) -> list:
+        return [c for c in (conds or []) if isinstance(c, dict) and isinstance(c.get(REGION_KEY), RegionTag)
+                and c[REGION_KEY].owner == self.owner]
+
     def begin_run(self, run: Run) -> None:
-        entries = [c for c in (run.conds.get("positive") or []) if isinstance(c, dict)
-                   and isinstance(c.get(REGION_KEY), RegionTag) and c[REGION_KEY].owner == self.owner]
+        entries = self._entries(run.conds.get("positive"))
         if not entries:
             raise AttentionControlError(
                 "positive: the sampler's positive conditioning does not come from this Region Conditioning node; "
@@ -168,20 +173,19 @@ class RegionController(Controller):
         h, w = run.latent_hw
         masks, bg = region_weights(self.regions, h, w, self.background)
         d = run.data(self)
-        d["fg"] = {}
         for c in entries:
             idx = c[REGION_KEY].index
-            m = bg if idx == 0 else masks[idx - 1]
-            c["mask"] = m[None].clone()            # the host finds the latent size and does not resize
-            if idx > 0 and float(m.min()) < 1.0 and c.get("uuid") is not None:
-                d["fg"][c["uuid"]] = (idx - 1, m[None, None])
+            c["mask"] = (bg if idx == 0 else masks[idx - 1])[None].clone()   # the host keeps a latent-size mask
         if float(bg.max()) <= 0.0:
             # every pixel belongs to a region: the background entry would only cost a model call
             pos = run.conds["positive"]
             pos[:] = [c for c in pos if not (any(c is e for e in entries) and c[REGION_KEY].index == 0)]
-        n_boot = int(round(self.bootstrap * run.n_steps))
+        # regions that bootstrapping changes: those with pixels outside their mask
+        d["fg"] = [i for i, m in enumerate(masks) if float(m.min()) < 1.0]
+        d["masks"] = masks
+        n_boot = int(round(self.bootstrap * run.n_steps)) if d["fg"] else 0
         d["n_boot"] = n_boot
-        if n_boot and d["fg"]:
+        if n_boot:
             g = torch.Generator().manual_seed(int(run.seed or 0) & 0x7FFFFFFF)
             pool = torch.rand(n_boot, 3, generator=g)                          # random RGB colours
             if self.colours == "grey":
@@ -194,48 +198,38 @@ class RegionController(Controller):
                 noise = torch.randn(run.latent_shape, generator=g)
             d["noise"] = noise
 
-    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond, options=None):
+    def guide(self, predict, x, sigma, run: Run, passes):
+        """In a bootstrap step, MultiDiffusion's prediction: every foreground region's CFG prediction
+        (its prompt and the negative) at its bootstrapped latent, the other entries' (background,
+        any other conditioning) at the real latent, averaged per pixel with the host's weights."""
         d = run.data(self)
-        if not d.get("fg") or not d.get("n_boot"):
-            return apply(x)
         step, _ = run.step_of(sigma)
-        if step >= d["n_boot"]:
-            return apply(x)
-        options = options or {}
-        uuids = list(options.get("uuids") or [])
-        tile = options.get(TILE_KEY)
-        pieces = tile["pieces"] if tile else None
-        k = len(pieces) if pieces else 1
-        n_chunks = len(uuids) // k if uuids else 0
-        if not n_chunks or not any(u in d["fg"] for u in uuids[:n_chunks]):
-            return apply(x)
-        # masks and colours of the call's chunks on the whole canvas, then (inside a tiled call) per tile
-        noise = d["noise"]
-        B = noise.shape[0]
-        H, W = noise.shape[-2:]
-        canvas_rows = n_chunks * B
-        keep = torch.ones(canvas_rows, 1, H, W)
-        colour = torch.zeros(canvas_rows, d["colours"].shape[1])
-        for j, u in enumerate(uuids[:n_chunks]):
-            got = d["fg"].get(u)
-            if got is None:
+        if step >= d.get("n_boot", 0):
+            return predict(x)
+        positive = passes.guider.conds.get("positive") or []
+        groups = {i: [] for i in d["fg"]}
+        rest = []
+        for c in positive:
+            tag = c.get(REGION_KEY) if isinstance(c, dict) else None
+            if isinstance(tag, RegionTag) and tag.owner == self.owner and tag.index - 1 in groups:
+                groups[tag.index - 1].append(c)
+            else:
+                rest.append(c)
+        sig = sigma.reshape(-1)[:1].expand(x.shape[0])
+        num, den = None, None
+        jobs = [(rest, x)] if rest else []
+        for i, entries in groups.items():
+            if not entries:
                 continue
-            i, m = got
-            keep[j * B:(j + 1) * B] = m
-            colour[j * B:(j + 1) * B] = d["colours"][int(d["pick"][step, i])]
-        full_noise = noise.repeat(n_chunks, 1, 1, 1)
-        if pieces:
-            keep = batch_spatial(keep, pieces, H, W)
-            full_noise = batch_spatial(full_noise, pieces, H, W)
-            colour = colour.repeat(k, 1)
-        if keep.shape[0] != x.shape[0] or keep.shape[-2:] != x.shape[-2:]:
-            raise AttentionControlError(
-                f"regions: a model call of shape {tuple(x.shape)} does not match the run's latent "
-                f"{tuple(noise.shape)}; region prompts sample one latent per run")
-        sig = sigma.reshape(-1)
-        if sig.numel() == 1:
-            sig = sig.expand(x.shape[0])
-        return apply(bootstrap_latent(x, sig, keep, colour, full_noise, self.noise_scaling))
+            keep = d["masks"][i][None, None]
+            colour = d["colours"][int(d["pick"][step, i])][None].expand(x.shape[0], -1)
+            jobs.append((entries, bootstrap_latent(x, sig, keep, colour, d["noise"], self.noise_scaling)))
+        for entries, xi in jobs:
+            w = passes.cond_weight(entries, x)
+            pred = passes.cfg_prediction(entries, xi)
+            num = pred * w if num is None else num + pred * w
+            den = w if den is None else den + w
+        return num / den.clamp_min(1e-37)
 
 
 def linear_rgb_to_latent(rgb: torch.Tensor, factors, bias=None) -> torch.Tensor:

@@ -19,6 +19,8 @@ State:
 from __future__ import annotations
 
 import logging
+
+import torch
 import comfy.ldm.modules.attention as comfy_attention
 import comfy.patcher_extension as comfy_ext
 
@@ -195,7 +197,8 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
 
 
 class GuidancePasses:
-    """What a guiding controller may run inside one step: positive-only forwards of the model."""
+    """What a guiding controller may run inside one step: positive-only forwards of the model, CFG
+    predictions with other positive conditioning, and the host's conditioning weights."""
 
     def __init__(self, guider, timestep, model_options: dict):
         self.guider = guider
@@ -216,6 +219,31 @@ class GuidancePasses:
             comfy.samplers.calc_cond_batch(self.guider.inner_model, [positive], x, self.timestep, mo)
         except StopForward:
             pass
+
+    def cfg_prediction(self, positive: list, x):
+        """The guider's CFG prediction at `x` with `positive` as the positive conditioning (the
+        guider's negative, cfg scale and CFG functions as in its own step)."""
+        import comfy.samplers
+        g = self.guider
+        return comfy.samplers.sampling_function(g.inner_model, x, self.timestep, g.conds.get("negative", None),
+                                                positive, g.cfg, model_options=self.model_options)
+
+    def cond_weight(self, positive: list, x):
+        """The per-pixel weight the host gives `positive` when it averages conditioning entries (the
+        sum of their masks x strengths over their areas), shaped like x."""
+        import comfy.samplers
+        total = torch.zeros_like(x)
+        for c in positive or []:
+            p = comfy.samplers.get_area_and_mult(c, x, self.timestep)
+            if p is None:
+                continue
+            view = total
+            if p.area is not None:
+                dims = len(p.area) // 2
+                for i in range(dims):
+                    view = view.narrow(i + 2, p.area[i + dims], p.area[i])
+            view += p.mult
+        return total
 
     def unet_modules(self, last_site: Site | None = None) -> list:
         """The UNet modules a forward runs up to (and including) the block of `last_site`."""

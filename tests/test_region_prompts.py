@@ -95,8 +95,22 @@ def test_background_weight_and_overlaps():
     assert torch.allclose(bg, torch.full((4, 4), 0.75))
 
 
+class StepSpy(Controller):
+    """Records the sampler's latent of every step (outermost guider wrapper)."""
+    name = "step spy"
+    kinds = frozenset()
+    wraps_guider = True
+
+    def __init__(self):
+        self.x = {}
+
+    def guide(self, predict, x, sigma, run, passes):
+        self.x.setdefault(run.step_of(sigma)[0], x.clone())
+        return predict(x)
+
+
 def _spied(sd15, clip_l, bootstrap, mask, steps=4, background="grey wall", colours="random"):
-    inner, outer = Spy(), Spy()
+    inner, outer = Spy(), StepSpy()
     base = attach(sd15, inner)
     regs = region("a red circle", mask=mask)
     m, pos = _res(RegionConditioning.execute(base, clip_l, regs, background, bootstrap, colours))
@@ -105,32 +119,35 @@ def _spied(sd15, clip_l, bootstrap, mask, steps=4, background="grey wall", colou
     return inner, outer, pos, out
 
 
+def _bootstrapped_calls(inner, outer):
+    """Model calls whose input is not the sampler's latent of their step."""
+    return [c for c in inner.calls if not torch.equal(c["x"], outer.x[c["step"]].expand_as(c["x"]))]
+
+
 def test_bootstrapping_replaces_only_outside_the_mask_and_only_in_the_bootstrap_steps(sd15, clip_l):
     mask = half(16, 16)
     inner, outer, pos, _ = _spied(sd15, clip_l, 0.5, mask)
-    assert len(inner.calls) == len(outer.calls) == 4
-    keep = mask.bool()[None, None].expand(1, 4, 16, 16)
-    changed_steps = set()
-    for ci, co in zip(inner.calls, outer.calls):
-        assert ci["uuids"] == co["uuids"] and len(ci["uuids"]) == 3          # background, region, negative
-        for j in range(3):
-            xi, xo = ci["x"][j:j + 1], co["x"][j:j + 1]
-            if torch.equal(xi, xo):
-                continue
-            changed_steps.add(ci["step"])
-            assert j == 1, "only the foreground region's rows may change"
-            assert torch.equal(xi[keep], xo[keep])                              # inside the mask: untouched
-            assert not torch.equal(xi[~keep], xo[~keep])
-    assert changed_steps == {0, 1}                                              # 0.5 of 4 steps
+    assert sorted(outer.x) == [0, 1, 2, 3]
+    boot = _bootstrapped_calls(inner, outer)
+    assert {c["step"] for c in boot} == {0, 1}                                    # 0.5 of 4 steps
+    keep = mask.bool()[None, None].expand(2, 4, 16, 16)
+    for c in boot:
+        # the region's prompt and the negative (its own CFG pair), both at the bootstrapped latent
+        assert len(c["uuids"]) == 2
+        xs = outer.x[c["step"]].expand(2, 4, 16, 16)
+        assert torch.equal(c["x"][keep], xs[keep])                                # inside the mask: untouched
+        assert not torch.equal(c["x"][~keep], xs[~keep])
+    # the background entry and every call after the bootstrap steps see the sampler's latent
+    assert any(c["step"] < 2 and torch.equal(c["x"], outer.x[c["step"]].expand_as(c["x"])) for c in inner.calls)
 
 
 @pytest.mark.parametrize("colours", ["random", "grey"])
 def test_bootstrap_background_is_a_noised_constant_colour(sd15, clip_l, colours):
     mask = half(16, 16)
     inner, outer, _, _ = _spied(sd15, clip_l, 0.25, mask, steps=4, colours=colours)
-    c = inner.calls[0]
+    c = _bootstrapped_calls(inner, outer)[0]
     sigma = float(c["sigma"][0])
-    x = c["x"][1]
+    x = c["x"][0]
     # x = colour + sigma * noise outside the mask; the run's noise is the sampler's (seed 9)
     import comfy.sample
     noise = comfy.sample.prepare_noise(torch.zeros(1, 4, 16, 16), 9)[0]
@@ -144,6 +161,34 @@ def test_bootstrap_background_is_a_noised_constant_colour(sd15, clip_l, colours)
         bias = torch.tensor(f.latent_rgb_factors_bias or [0.0] * 3)
         rgb = colour.mean(dim=(1, 2)) @ torch.tensor(f.latent_rgb_factors) + bias
         assert float(rgb.max() - rgb.min()) < 1e-4
+
+
+def test_bootstrap_step_is_multidiffusions_average_of_per_region_cfg(sd15, clip_l):
+    """One bootstrapped euler step from sigma_max returns the prediction: inside the region the
+    region's CFG (its prompt and the negative) at its bootstrapped latent, outside the background's
+    CFG at the real latent (the paper's per-region guidance, averaged by the masks)."""
+    mask = half(16, 16)
+    inner, outer, _, out = _spied(sd15, clip_l, 1.0, mask, steps=1)
+    boot = _bootstrapped_calls(inner, outer)
+    assert len(boot) == 1
+    sigma = float(boot[0]["sigma"][0])
+    region_pred = _one_step(sd15, encode(clip_l, "a red circle"), encode(clip_l, ""), boot[0]["x"][:1], sigma)
+    bg_pred = _one_step(sd15, encode(clip_l, "grey wall"), encode(clip_l, ""), outer.x[0], sigma)
+    ref = torch.where(mask.bool()[None, None], region_pred, bg_pred)
+    err = (out - ref).abs().max() / ref.abs().max()
+    assert err < 1e-4, float(err)
+
+
+def _one_step(model, pos, neg, x, sigma, cfg=5.0):
+    """The host's own CFG step (CFGGuider, euler, sigma -> 0) from the model-space latent x: its
+    denoised prediction, as the sampler returns it (process_latent_out)."""
+    import comfy.samplers
+    g = comfy.samplers.CFGGuider(model)
+    g.set_conds(pos, neg)
+    g.set_cfg(cfg)
+    lat = model.model.process_latent_out(x.clone())
+    return g.sample(torch.zeros_like(x), lat, comfy.samplers.sampler_object("euler"), torch.tensor([sigma, 0.0]),
+                    seed=0)
 
 
 def test_bootstrap_zero_is_the_hosts_masked_conditioning(sd15, clip_l):
