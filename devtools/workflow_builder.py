@@ -187,7 +187,9 @@ def sample_and_save(g, name, ck, model, positive, negative, latent):
 
 
 WORKFLOWS = {
-    "region_prompts": lambda: region_prompts("region_prompts", "red circle: 0.0,0.0,0.5,1.0\nblue square: 0.5,0.0,1.0,1.0"),
+    "region_prompts": lambda: region_prompts("region_prompts",
+                                             "a red circle: 0.05,0.2,0.45,0.8\na blue square: 0.55,0.2,0.95,0.8",
+                                             background="a red circle and a blue square"),
     "collage_layers": lambda: collage("collage_layers", [("attnctl_collage_background.png", "", 0.8),
                                                          ("attnctl_collage_red_circle.png", "a red circle", 0.5),
                                                          ("attnctl_collage_blue_square.png", "a blue square", 0.7)]),
