@@ -1,10 +1,11 @@
 """Semantic tests on the shipped shapes-world model (issue 9): each technique does what its paper
 promises, measured on fixed seeds with shapesworld.evaluate.
 
-Two levels:
-- effect tests (default run): the technique's effect is well above chance / above no control;
-- issue targets (`-m issue_targets`, `make test-semantic`): the thresholds issue 9 sets. The model
-  trained so far does not reach them yet (see shapesworld/README.md); they are kept as the gate.
+Two levels, both in the default run (`make test-semantic` runs this file alone and prints the
+measured figures as SEMANTIC lines):
+- effect tests: the technique's effect is well above chance / above no control;
+- issue targets (test_issue_target_*): the thresholds issue 9 sets (word pointing 90 % / 60 %,
+  P2P kept-object IoU 0.8, layout hit rate 70 %).
 """
 import functools
 import itertools
@@ -108,8 +109,9 @@ def layout_measure():
     guided_model = (out.result if hasattr(out, "result") else out)[0]
     pos, neg = S.encode(clip, texts), S.encode(clip, [""] * len(texts))
     lat = M.latent(len(texts), 32, 32)
-    plain = S.to_rgb(S.sample(model, pos, neg, lat, seed=21))
-    guided = S.to_rgb(S.sample(guided_model, pos, neg, lat, seed=21))
+    # the paper's schedule: 50 steps, the first 10 guided (up to 5 iterations each)
+    plain = S.to_rgb(S.sample(model, pos, neg, lat, seed=21, steps=50))
+    guided = S.to_rgb(S.sample(guided_model, pos, neg, lat, seed=21, steps=50))
     hit = [E.box_hit(guided[i], c, LAYOUT_BOX) for i, (c, _s) in enumerate(caps)]
     hit0 = [E.box_hit(plain[i], c, LAYOUT_BOX) for i, (c, _s) in enumerate(caps)]
     present = [E.colour_present(guided[i], c) for i, (c, _s) in enumerate(caps)]
@@ -120,11 +122,10 @@ def layout_measure():
 def test_layout_guidance_moves_objects_into_the_box():
     r = layout_measure()
     print(f"SEMANTIC layout {r}")
-    # measured 0.56 guided vs 0.375 unguided (16 fixed seeds) with the shipped weights
-    assert r["hit"] >= r["hit_unguided"] + 0.15, r
+    # measured 0.875 guided vs 0.25 unguided (16 fixed seeds, the paper's 50-step schedule)
+    assert r["hit"] >= r["hit_unguided"] + 0.4, r
 
 
-@pytest.mark.issue_targets
 def test_issue_target_layout_hit_rate():
     r = layout_measure()
     assert r["hit"] >= 0.70, r
@@ -186,13 +187,11 @@ def test_p2p_swap_changes_the_colour_and_keeps_the_layout():
     assert r["iou"] >= r["iou_alone"] + 0.3, r
 
 
-@pytest.mark.issue_targets
 def test_issue_target_capture_pointing():
     r = capture_measure()
     assert r["colour"] >= 0.90 and r["shape"] >= 0.60, r
 
 
-@pytest.mark.issue_targets
 def test_issue_target_p2p_iou():
     r = p2p_measure()
     assert r["iou"] >= 0.8, r
@@ -254,14 +253,14 @@ def _collage_layers(strength):
 @functools.lru_cache(maxsize=1)
 def collage_measure():
     """An orange-red disc layer captioned "a red circle" on a grey background layer, at noise
-    strength 0.3 and 1.0 (8 seeds): the mean colour inside the disc, its distance to the layer's
+    strength 0.1, 0.3 and 1.0 (8 seeds): the mean colour inside the disc, its distance to the layer's
     colour (fidelity) and to the world's red (harmonisation), and whether a red object is there."""
     import torch.nn.functional as F
     from attention_control.shapesworld.data import PALETTE
     model, clip, vae = S.load()
     res = {}
     layer, red = torch.tensor(LAYER_RGB), torch.tensor(PALETTE["red"])
-    for s in (0.3, 1.0):
+    for s in (0.1, 0.3, 1.0):
         ls, disc = _collage_layers(s)
         m, pos, lat, _masks, _comp = _res(CollageLayers.execute(model, clip, vae, ls, 1.0, 1.0, 8, 8.0))
         inner = F.adaptive_avg_pool2d(disc[None, None], (32, 32))[0, 0] >= 0.99
@@ -280,7 +279,10 @@ def collage_measure():
 def test_collage_strength_trades_fidelity_for_harmony():
     r = collage_measure()
     print(f"SEMANTIC collage {r}")
-    lo, hi = r[0.3], r[1.0]
-    assert lo["to_layer"] < hi["to_layer"], r                 # low strength keeps the layer's own colour
-    assert hi["to_red"] < r["layer_to_red"], r                # high strength pulls it to the world's red
-    assert hi["present"] >= 0.75, r
+    # measured (shipped weights): distance to the layer's colour 0.365 / 0.389 / 0.434 at strength
+    # 0.1 / 0.3 / 1.0: this model snaps colours to its four-colour palette even in the last steps, so
+    # the trade-off is small in colour; it is monotone
+    assert r[0.1]["to_layer"] <= r[0.3]["to_layer"] <= r[1.0]["to_layer"], r
+    assert r[0.1]["to_layer"] < r[1.0]["to_layer"] - 0.03, r   # low strength keeps more of the layer
+    assert r[1.0]["to_red"] < r["layer_to_red"], r             # and the caption pulls it to the world's red
+    assert r[1.0]["present"] >= 0.75, r
