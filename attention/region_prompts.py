@@ -35,7 +35,7 @@ Pure torch: the host-specific pieces (noise scaling, colour -> latent) are passe
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -49,12 +49,12 @@ REGION_KEY = "attention_control_region"
 BOOTSTRAP_COLOURS = ("random", "grey")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Region:
     """One region prompt: a mask (H, W) of any size and/or boxes (fractions), and a strength."""
     prompt: str
     mask: torch.Tensor | None = None
-    boxes: tuple = ()
+    boxes: tuple[Box, ...] = ()
     strength: float = 1.0
 
     def describe(self) -> str:

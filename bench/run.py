@@ -28,9 +28,10 @@ def main() -> int:
             results[k] = v
             sys.stdout.write(f"BENCH {k} {v['value']} target {v['target']}\n")
             sys.stdout.flush()
-    with open(path, "w") as f:
-        json.dump(results, f, indent=2, sort_keys=True)
-        f.write("\n")
+        # after each module, so an interrupted run keeps what it measured
+        with open(path, "w") as f:
+            json.dump(results, f, indent=2, sort_keys=True)
+            f.write("\n")
     return 0
 
 

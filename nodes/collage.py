@@ -33,7 +33,7 @@ def layer_positions(clip, texts: list[str]) -> tuple[str, list[list[int]], int]:
 CollageLayersType = io.Custom("COLLAGE_LAYERS")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Layer:
     image: torch.Tensor            # (H, W, 3)
     alpha: torch.Tensor            # (H, W) opacity
