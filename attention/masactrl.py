@@ -188,9 +188,11 @@ class MasaCtrlController(Controller):
         if masks is not None and bool(torch.all(masks > 0.5)):
             masks = None                                   # all foreground: the unmasked edit
         if masks is None and self.mode == "mutual":
-            # this call's own projections: overwrite the target rows in place (fused attention after)
-            k[tgt] = k[src]
-            v[tgt] = v[src]
+            # this call's own projections: overwrite the target rows in place (fused attention after);
+            # a broadcast copy between views of each chunk, so no gathered temporary is built
+            for t in (k, v):
+                rows = t.unflatten(0, (n_chunks, B))
+                rows[:, 1:].copy_(rows[:, :1].expand_as(rows[:, 1:]))
             return nxt(q, k, v)
         if masks is None:                                   # union
             kk = torch.cat([k[src], k[tgt]], dim=1)

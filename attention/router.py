@@ -150,7 +150,30 @@ class RouterPatch:
             below = run_from(i - 1)
             return lambda q_, k_, v_: ctrl.attend(q_, k_, v_, call, below)
 
-        return run_from(len(stack) - 1)(q, k, v)
+        out = run_from(len(stack) - 1)(q, k, v)
+        if site.kind == "self" and inner is None and guidance is None:
+            release_projections(out, k, v)
+        return out
+
+
+def release_projections(out, *tensors) -> None:
+    """Free the storage of a self-attention's K and V once its output is computed.
+
+    ComfyUI's replace path (BasicTransformerBlock: `context_attn1 = to_k(...)`, `value_attn1 =
+    to_v(...)`, then the patch) keeps both projections referenced by the block's locals until the
+    block returns, i.e. through cross-attention and the feed-forward, where the block peaks; its own
+    unpatched path frees them with the attention. The block never reads them again, so we empty the
+    tensors it handed us (`set_()`), which restores the unpatched peak. Only when nothing else can
+    hold them: our own stack below (controllers keep no K/V beyond a call; another pack's patch
+    below us disables this), no autograd, no view, no storage shared with the output."""
+    if torch.is_grad_enabled():
+        return
+    out_ptr = out.untyped_storage().data_ptr()
+    for t in tensors:
+        if (t._base is not None or t.untyped_storage().data_ptr() == out_ptr
+                or (t.is_inference() and not torch.is_inference_mode_enabled())):
+            continue
+        t.set_()
 
 
 # --------------------------------------------------------------------------------------------

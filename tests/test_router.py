@@ -7,7 +7,8 @@ import comfy.model_patcher
 import nodes
 from attention_control.attention import core
 from attention_control.attention.router import (RUN_KEY, ROUTER_KEY, AttentionControlError, RouterPatch,
-                                                UnsupportedModelError, attach, discover_sites)
+                                                UnsupportedModelError, attach, discover_sites,
+                                                release_projections)
 
 
 class Counter(core.Controller):
@@ -105,6 +106,66 @@ def test_chains_a_preinstalled_replace_patch(sd15):
     assert seen["n"] == n_ref > 0, "the pre-installed patch must still run"
     assert c.calls[("cross", ("output", 3, 0), 0)] > 0
     assert torch.equal(out, ref)
+
+
+class KeepKV(Counter):
+    """Keeps the K and V tensors the host handed to each self-attention call (to look at them after)."""
+
+    def __init__(self):
+        super().__init__(kinds=("self",))
+        self.kv = []
+
+    def attend(self, q, k, v, call, nxt):
+        self.kv.append((k, v, k.numel(), v.numel(), call.site.key))
+        return nxt(q, k, v)
+
+
+def test_self_attention_projections_are_released_after_the_call(sd15, baseline):
+    """ComfyUI's replace path keeps K and V referenced until the block returns (through the
+    feed-forward peak); the router empties them once the attention is computed, so a patched block
+    peaks as the unpatched one. The output stays bit-identical."""
+    c = KeepKV()
+    out = sample(attach(sd15, c))
+    assert torch.equal(out, baseline)
+    assert c.kv and all(n_k > 0 and n_v > 0 for _, _, n_k, n_v, _ in c.kv)
+    assert all(k.numel() == 0 and v.numel() == 0 for k, v, _, _, _ in c.kv), "K/V still hold their storage"
+
+
+def test_projections_are_kept_under_another_packs_patch(sd15):
+    """With another pack's replace patch below ours, it may keep K/V (e.g. a reference bank): hands off."""
+    import comfy.ldm.modules.attention as A
+    theirs = sd15.clone()
+    theirs.set_model_attn1_replace(lambda q, k, v, extra: A.optimized_attention(q, k, v, extra["n_heads"]),
+                                   "input", 1, 0)
+    c = KeepKV()
+    sample(attach(theirs, c))
+    theirs_kept = [k.numel() > 0 and v.numel() > 0 for k, v, _, _, key in c.kv if key == ("input", 1, 0)]
+    ours_freed = [k.numel() == 0 and v.numel() == 0 for k, v, _, _, key in c.kv if key != ("input", 1, 0)]
+    assert theirs_kept and all(theirs_kept), "the other pack's site must keep its K/V"
+    assert ours_freed and all(ours_freed)
+
+
+def test_release_projections_only_where_nothing_else_can_use_them():
+    out = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        k, v = torch.randn(2, 8, 4), torch.randn(2, 8, 4)
+        release_projections(out, k, v)
+        assert k.numel() == 0 and v.numel() == 0
+        base = torch.randn(4, 8, 4)
+        view = base[:2]
+        release_projections(out, view)                     # a view of something else: untouched
+        assert view.numel() == 64 and base.numel() == 128
+        shared = out.view(2, 8, 4)
+        release_projections(out, shared)                   # the output's own storage: untouched
+        assert shared.numel() == 64
+    k = torch.randn(2, 8, 4, requires_grad=True)
+    release_projections(out, k)                            # autograd may need it: untouched
+    assert k.numel() == 64
+    with torch.inference_mode():
+        t = torch.randn(2, 8, 4)
+    with torch.no_grad():
+        release_projections(out, t)                        # an inference tensor outside inference mode
+    assert t.numel() == 64
 
 
 def test_no_state_leaks_and_input_model_untouched(sd15, baseline):
