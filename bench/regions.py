@@ -7,7 +7,8 @@ part of the measurement).
   every cross-attention layer, vs plain sampling of the same prompt.
 - region conditioning: N vertical strips covering the canvas (so the background entry is dropped)
   with bootstrapping 0.4, vs plain sampling of one prompt. MultiDiffusion evaluates the model once
-  per region: N region rows + the negative row against 2 rows, so the ratio grows about as (N + 1) / 2.
+  per region: N region rows + the negative row against 2 rows, and during bootstrapping each region
+  its own CFG pair (2 N rows), so the ratio grows about as 0.4 * N + 0.6 * (N + 1) / 2.
 """
 from __future__ import annotations
 
@@ -85,7 +86,7 @@ def collect(quick=False):
                 out[f"regions{n}_time_ratio[{backend}]"] = {
                     "value": round(t["ratio"], 4), "target": "report", "unit": "x",
                     "settings": settings + f", {n} region(s) covering the canvas, bootstrap 0.4, vs plain sampling "
-                                           f"({n} region rows + the negative vs 2 rows)"}
+                                           f"({n} region rows + the negative vs 2 rows; {2 * n} rows in the bootstrap steps)"}
     return common.add_worst(out, ["pww_overhead_ratio"])
 
 
