@@ -131,8 +131,14 @@ class RouterPatch:
         if guidance is not None and stack:
             # a guidance pass belongs to one controller: the others neither act nor record
             stack = tuple(c for c in stack if c is guidance.controller)
-        if not stack:
-            return default_attention(q, k, v, extra_options, inner)
+        out = self._attend(q, k, v, extra_options, run, stack, guidance) if stack else \
+            default_attention(q, k, v, extra_options, inner)
+        if self.site.kind == "self" and inner is None and guidance is None:
+            release_projections(out, k, v)
+        return out
+
+    def _attend(self, q, k, v, extra_options, run, stack, guidance):
+        inner = self.inner
         key = (self.site.kind, self.site.key)
         run.fired[key] = run.fired.get(key, 0) + 1
         site = self.site
@@ -150,10 +156,7 @@ class RouterPatch:
             below = run_from(i - 1)
             return lambda q_, k_, v_: ctrl.attend(q_, k_, v_, call, below)
 
-        out = run_from(len(stack) - 1)(q, k, v)
-        if site.kind == "self" and inner is None and guidance is None:
-            release_projections(out, k, v)
-        return out
+        return run_from(len(stack) - 1)(q, k, v)
 
 
 def release_projections(out, *tensors) -> None:
@@ -163,7 +166,8 @@ def release_projections(out, *tensors) -> None:
     to_v(...)`, then the patch) keeps both projections referenced by the block's locals until the
     block returns, i.e. through cross-attention and the feed-forward, where the block peaks; its own
     unpatched path frees them with the attention. The block never reads them again, so we empty the
-    tensors it handed us (`set_()`), which restores the unpatched peak. Only when nothing else can
+    tensors it handed us (`set_()`), which restores the unpatched peak (whether or not a controller
+    acted at this site in this run). Only when nothing else can
     hold them: our own stack below (controllers keep no K/V beyond a call; another pack's patch
     below us disables this), no autograd, no view, no storage shared with the output."""
     if torch.is_grad_enabled():
