@@ -185,6 +185,9 @@ class Run:
         self.fired: dict = {}          # (kind, key) -> number of routed calls
         self.scratch: dict = {}        # controller id -> per-run data
         self.stacks: dict = {}         # (kind, key) -> controllers acting at this run's size
+        self.patches: dict = {}        # (kind, key, id(inner)) -> the router's patch over that inner patch
+        self.skipped: set = set()      # (controller name, site key) already logged as standing aside
+        self.active_sites: tuple = ()  # sites where some controller acts in this run (set by Router.begin_run)
         self._sig_obj = None
         self._sig_step = (0, 0.0)
         self.noise = None              # the initial noise of the run (latent shape), set by the router
@@ -219,11 +222,19 @@ def require_prompt_length(run: Run, prompt_len: int, node: str) -> None:
 
 
 class Call:
-    """What a controller knows about one attention call."""
-    __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch", "attention",
-                 "guidance")
+    """What a controller knows about one attention call.
 
-    def __init__(self, site: Site, run: Run, extra: dict, n_rows: int, attention=None, guidance=None):
+    Rows of q/k/v are laid out (chunk, item, fold): one chunk per entry of cond_or_uncond, `batch`
+    latent items per chunk, and `fold` rows per item where another patch folded spatial tiles into
+    the batch (core HyperTile: each item's queries split into `fold` tiles of `tokens` tokens; its keys
+    and values keep one row per item, `kv_fold` == 1, and the host's attention reads them in row
+    bands). `plain` says the call has the layer's own layout (one row per item, h*w tokens), which
+    controllers that read spatial maps need."""
+    __slots__ = ("site", "run", "extra", "step", "sigma", "h", "w", "cond_or_uncond", "batch", "attention",
+                 "guidance", "fold", "kv_fold", "tokens", "plain")
+
+    def __init__(self, site: Site, run: Run, extra: dict, n_rows: int, attention=None, guidance=None,
+                 n_tokens: int | None = None, n_kv_rows: int | None = None):
         self.site = site
         # the state of the guidance pass this call belongs to (None in a normal sampling forward)
         self.guidance = guidance
@@ -238,11 +249,28 @@ class Call:
         else:
             self.h, self.w = run.latent_hw[0] // site.ds, run.latent_hw[1] // site.ds
         self.cond_or_uncond = list(extra.get("cond_or_uncond", [0]))
-        self.batch = n_rows // max(len(self.cond_or_uncond), 1)
+        self.batch, self.fold = row_layout(len(self.cond_or_uncond), n_rows, run.batch)
+        kv_batch, self.kv_fold = (self.batch, self.fold) if n_kv_rows is None else \
+            row_layout(len(self.cond_or_uncond), n_kv_rows, run.batch)
+        if kv_batch != self.batch:
+            self.kv_fold = 0                  # keys laid out unlike the queries: no row mapping
+        self.tokens = n_tokens
+        self.plain = self.fold == 1 and self.kv_fold == 1 and (n_tokens is None or n_tokens == self.h * self.w)
 
     def chunk(self, j: int) -> slice:
         """Rows of the j-th chunk of the batch (one chunk per entry of cond_or_uncond)."""
-        return slice(j * self.batch, (j + 1) * self.batch)
+        n = self.batch * self.fold
+        return slice(j * n, (j + 1) * n)
+
+    def rows(self, j: int, i: int) -> list[int]:
+        """Query rows of latent item i in chunk j (`fold` rows; one unless a patch folded tiles into the batch)."""
+        r = (j * self.batch + i) * self.fold
+        return list(range(r, r + self.fold))
+
+    def kv_rows(self, j: int, i: int) -> list[int]:
+        """Key / value rows of latent item i in chunk j."""
+        r = (j * self.batch + i) * self.kv_fold
+        return list(range(r, r + self.kv_fold))
 
     def cond_chunks(self) -> list[int]:
         return [j for j, c in enumerate(self.cond_or_uncond) if c == 0]
@@ -251,8 +279,25 @@ class Call:
         return [j for j, c in enumerate(self.cond_or_uncond) if c == 1]
 
     def cond_rows(self) -> torch.Tensor:
-        idx = [r for j in self.cond_chunks() for r in range(j * self.batch, (j + 1) * self.batch)]
+        n = self.batch * self.fold
+        idx = [r for j in self.cond_chunks() for r in range(j * n, (j + 1) * n)]
         return torch.tensor(idx, dtype=torch.long)
+
+    def describe_layout(self) -> str:
+        kv = "" if self.kv_fold == self.fold else f", keys {self.kv_fold or 'unmatched'} row(s) per item"
+        return (f"{self.fold} rows per item, {self.tokens} tokens per row for a {self.h}x{self.w} layer{kv}"
+                if self.tokens is not None else f"{self.fold} rows per item{kv}")
+
+
+def row_layout(n_chunks: int, n_rows: int, latent_batch: int) -> tuple[int, int]:
+    """(items per chunk, rows per item) of an attention call with n_rows rows. The latent batch of the
+    run gives the items; a whole multiple of chunks x items means another patch folded tiles into the
+    rows (HyperTile puts the tiles of each item next to each other)."""
+    n_chunks = max(n_chunks, 1)
+    per = n_chunks * latent_batch
+    if latent_batch > 0 and n_rows >= per and n_rows % per == 0:
+        return latent_batch, n_rows // per
+    return n_rows // n_chunks, 1
 
 
 def chunk_layout(cond_or_uncond, n_rows: int) -> tuple[list[int], int]:
@@ -309,6 +354,13 @@ class Controller:
     def attend(self, q, k, v, call: Call, nxt):
         return nxt(q, k, v)
 
+    def handles(self, call: Call) -> bool:
+        """Whether this controller can act on `call`'s row and token layout. By default only on the
+        layer's own layout (`call.plain`); the router passes other calls on (the host's or the inner
+        patch's attention) and logs that once per run. Controllers that only move whole rows between
+        items override this and use `call.rows`."""
+        return call.plain
+
     def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond, options=None):
         return apply(x)
 
@@ -346,6 +398,7 @@ class Router:
             c.begin_run(run)
         run.stacks = {key: tuple(c for c in st if c.wants_at(site, run.latent_hw))
                       for site in self.sites for key, st in [((site.kind, site.key), self.stack(site))]}
+        run.active_sites = tuple(s for s in self.sites if run.stacks.get((s.kind, s.key)))
 
     def end_run(self, run: Run, ok: bool) -> None:
         for c in self.controllers:

@@ -172,6 +172,14 @@ class MasaCtrlController(Controller):
         return m.flatten(1)
 
     # -- attention
+    def handles(self, call) -> bool:
+        """Mutual self-attention without masks copies whole key / value rows: it acts on rows folded
+        by another patch (HyperTile) and on merged queries (ToMe). Masks, union and the word maps
+        need the layer's own layout."""
+        if call.site.kind == "self" and self.mask is None and self.mode == "mutual":
+            return call.kv_fold >= 1
+        return call.plain
+
     def attend(self, q, k, v, call, nxt):
         d = call.run.data(self)
         if call.site.kind == "cross":
@@ -189,9 +197,11 @@ class MasaCtrlController(Controller):
             masks = None                                   # all foreground: the unmasked edit
         if masks is None and self.mode == "mutual":
             # this call's own projections: overwrite the target rows in place (fused attention after);
-            # a broadcast copy between views of each chunk, so no gathered temporary is built
+            # a broadcast copy between views of each chunk, so no gathered temporary is built. Rows are
+            # (chunk, item, fold): where another patch folded tiles into the rows (HyperTile), each
+            # target tile takes the keys / values of the source's same tile.
             for t in (k, v):
-                rows = t.unflatten(0, (n_chunks, B))
+                rows = t.unflatten(0, (n_chunks, B, call.kv_fold))
                 rows[:, 1:].copy_(rows[:, :1].expand_as(rows[:, 1:]))
             return nxt(q, k, v)
         if masks is None:                                   # union

@@ -237,16 +237,19 @@ class P2PController(Controller):
             return nxt(q, k, v)
         B = call.batch
         n = B - 1
-        src = [j * B for j in chunks]
-        tgt = [j * B + 1 + t for j in chunks for t in range(n)]
-        src_for_tgt = [j * B for j in chunks for _ in range(n)]
         if call.site.kind == "self":
             if call.step >= d["self_steps"]:
                 return nxt(q, k, v)
             # q, k are this call's own projections (fresh tensors): overwrite the target rows in place
-            q[tgt] = q[src_for_tgt]
-            k[tgt] = k[src_for_tgt]
+            # (query and key rows of each item: another patch may have folded tiles into the rows)
+            for t_, rows in ((q, call.rows), (k, call.kv_rows)):
+                t_rows = [r for j in chunks for t in range(n) for r in rows(j, 1 + t)]
+                s_rows = [r for j in chunks for _ in range(n) for r in rows(j, 0)]
+                t_[t_rows] = t_[s_rows]
             return nxt(q, k, v)
+        src = [j * B for j in chunks]
+        tgt = [j * B + 1 + t for j in chunks for t in range(n)]
+        src_for_tgt = [j * B for j in chunks for _ in range(n)]
         # cross attention
         if self.blend is not None and call.site.key in d["blend_keys"]:
             self._accumulate_blend(q, k, call, d, src, tgt)
@@ -275,6 +278,14 @@ class P2PController(Controller):
         if own is not None:
             out[tgt] += own
         return out
+
+    def handles(self, call) -> bool:
+        """Self-attention injection moves whole rows, so it works on rows folded by another patch
+        (HyperTile) and on merged tokens (ToMe: the target takes the source's merged queries);
+        cross-attention edits and local blend need the layer's own layout."""
+        if call.site.kind == "self":
+            return call.kv_fold >= 1
+        return call.plain
 
     # -- local blend
     def _accumulate_blend(self, q, k, call, d, src, tgt):

@@ -1,12 +1,24 @@
 """The attention router: the ONE module of the pack that touches ComfyUI's patch plumbing.
 
-One `Router` per patched model. It installs `attn1` / `attn2` replace patches on the attention
-blocks the model actually has (discovered from the module tree, never hard-coded) and hands each
-call to an ordered stack of controllers (middleware: the controller added last is outermost and
-receives a `nxt(q, k, v)` callable that runs the rest of the stack and finally the default).
+One `Router` per patched model. It routes the `attn1` / `attn2` calls of the attention blocks the
+model actually has (discovered from the module tree, never hard-coded) to an ordered stack of
+controllers (middleware: the controller added last is outermost and receives a `nxt(q, k, v)`
+callable that runs the rest of the stack and finally the default).
 
-The default is ComfyUI's own `optimized_attention`, or, where another pack / ComfyUI node had
-already installed a replace patch at that key, that patch (composed, never overwritten).
+Composition in any order. The router's replace patches are never stored in the MODEL's
+`model_options`: an `APPLY_MODEL` wrapper installs them into the per-call copy of
+`transformer_options` of every model call of a run, over whatever replace patch that call carries at
+the site, under the three-part key `(block, id, index)` or, where none, the two-part `(block, id)`
+(the host's own lookup order). That patch (IPAdapter, attention couple, core SAG installed at node
+time, core PAG installed at call time inside a copied `model_options`, another pack's override set
+before or after ours) is the innermost default of the stack. So the order in which nodes patched
+the MODEL does not matter, and the MODEL stays free of our patches for anyone who inspects it.
+
+The default is ComfyUI's own `optimized_attention` where no such patch exists.
+
+Row layouts: another patch may change the rows or tokens of a call (HyperTile folds spatial tiles
+into the batch, ToMe merges tokens). `Call.fold` / `Call.rows` describe the rows; a controller that
+cannot act on such a call (it reads spatial maps) stands aside there, with one log line per run.
 
 State:
 - the Router sits in `model_options["transformer_options"][ROUTER_KEY]`; `__deepcopy__` returns
@@ -111,7 +123,8 @@ class _Default:
 
 
 class RouterPatch:
-    """The callable installed in patches_replace; stateless apart from its site and inner patch."""
+    """The callable the router installs in a model call's patches_replace; stateless apart from its
+    site and the patch it found there (`inner`, called as the innermost default)."""
 
     def __init__(self, site: Site, inner=None):
         self.site = site
@@ -147,7 +160,11 @@ class RouterPatch:
             return comfy_attention.optimized_attention(q_, k_, v_, site.heads, attn_precision=extra_options.get("attn_precision"),
                                                        transformer_options=extra_options)
 
-        call = Call(site, run, extra_options, q.shape[0], fused, guidance)
+        call = Call(site, run, extra_options, q.shape[0], fused, guidance, n_tokens=q.shape[1], n_kv_rows=k.shape[0])
+        if not call.plain:
+            stack = self._layout_stack(stack, call, run)
+            if not stack:
+                return default_attention(q, k, v, extra_options, inner)
 
         def run_from(i):
             if i < 0:
@@ -157,6 +174,22 @@ class RouterPatch:
             return lambda q_, k_, v_: ctrl.attend(q_, k_, v_, call, below)
 
         return run_from(len(stack) - 1)(q, k, v)
+
+    def _layout_stack(self, stack, call, run):
+        """The controllers that can act on a call whose rows or tokens another patch changed; the
+        others stand aside at this site, said once per run."""
+        kept = []
+        for c in stack:
+            if c.handles(call):
+                kept.append(c)
+                continue
+            tag = (c.name, self.site.kind, self.site.key)
+            if tag not in run.skipped:
+                run.skipped.add(tag)
+                log.warning("attention_control: %s stands aside at %s: another patch on the MODEL changed this "
+                            "layer's attention layout (%s; e.g. HyperTile or ToMe); move that patch off these "
+                            "layers for the full effect", c.name, self.site.label(), call.describe_layout())
+        return tuple(kept)
 
 
 def release_projections(out, *tensors) -> None:
@@ -205,20 +238,51 @@ def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args,
         run.scratch.clear()
 
 
+def _route_patches(run: Run, transformer_options: dict) -> dict:
+    """transformer_options of one model call with the router's patches over whatever replace patch
+    the call carries at each site the run's controllers act on (three-part key first, then the
+    two-part `(block, id)` key, as the host looks them up). Nothing shared is mutated."""
+    sites = run.active_sites
+    if not sites:
+        return transformer_options
+    pr = transformer_options.get("patches_replace") or {}
+    tables = {name: dict(pr.get(name) or {}) for name in ("attn1", "attn2")}
+    for site in sites:
+        table = tables[site.attn]
+        cur = table.get(site.key)
+        if isinstance(cur, RouterPatch):          # our own patch from an enclosing call: route its inner
+            cur = cur.inner
+        if cur is None:
+            cur = table.get(site.block)
+        tag = (site.kind, site.key, id(cur))
+        patch = run.patches.get(tag)
+        if patch is None or patch.inner is not cur:
+            patch = run.patches[tag] = RouterPatch(site, cur)
+        table[site.key] = patch
+    new_pr = dict(pr)
+    new_pr.update(tables)
+    to = dict(transformer_options)
+    to["patches_replace"] = new_pr
+    return to
+
+
 def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                          **kwargs):
     run = transformer_options.get(RUN_KEY)
     router = transformer_options.get(ROUTER_KEY)
-    ctrls = [c for c in router.controllers if c.wraps_model] if (run is not None and router is not None) else []
-    if not ctrls or transformer_options.get(GUIDE_KEY) is not None:
+    if run is None or router is None or run.router is not router:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
-    cou = list(transformer_options.get("cond_or_uncond", [0]))
+    to = _route_patches(run, transformer_options)
+    ctrls = [c for c in router.controllers if c.wraps_model]
+    if not ctrls or to.get(GUIDE_KEY) is not None:
+        return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+    cou = list(to.get("cond_or_uncond", [0]))
 
     def run_from(i):
         if i < 0:
-            return lambda x_: executor(x_, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+            return lambda x_: executor(x_, t, c_concat, c_crossattn, control, to, **kwargs)
         below = run_from(i - 1)
-        return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou, transformer_options)
+        return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou, to)
 
     return run_from(len(ctrls) - 1)(x)
 
@@ -309,8 +373,9 @@ def get_router(model_patcher) -> Router | None:
 def attach(model_patcher, controller: Controller):
     """Clone `model_patcher` and add `controller` on top of its router stack (creating the router).
 
-    The input model is untouched. Raises AttentionControlError / UnsupportedModelError before
-    anything is patched.
+    The input model is untouched, and so are the clone's patches_replace: the router's patches are
+    installed per model call (see `_route_patches`), whatever other patches the MODEL gets before or
+    after this node. Raises AttentionControlError / UnsupportedModelError before anything is patched.
     """
     old = get_router(model_patcher)
     sites = old.sites if old is not None and old.sites else None
@@ -325,19 +390,10 @@ def attach(model_patcher, controller: Controller):
     m = model_patcher.clone()
     router = Router(sites, (old.controllers if old is not None else ()) + (controller,))
     to = m.model_options.setdefault("transformer_options", {})
-    replace = to.setdefault("patches_replace", {})
-    for site in router.wanted_sites():
-        table = replace.setdefault(site.attn, {})
-        existing = table.get(site.key)
-        if isinstance(existing, RouterPatch):
-            continue
-        if existing is None:
-            existing = table.get(site.block)      # ComfyUI also looks up (name, id) keys
-        table[site.key] = RouterPatch(site, existing)
     to[ROUTER_KEY] = router
     if not m.get_wrappers(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
-    if controller.wraps_model and not m.get_wrappers(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
+    if not m.get_wrappers(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
     if controller.wraps_guider and not m.get_wrappers(comfy_ext.WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)

@@ -79,6 +79,11 @@ class _Call:
     def cond_chunks(self):
         return [j for j, c in enumerate(self.cond_or_uncond) if c == 0]
 
+    def rows(self, j, i):
+        return [j * self.batch + i]
+
+    kv_rows = rows
+
 
 def sdpa(q, k, v, heads):
     b, n, hd = q.shape

@@ -192,8 +192,91 @@ def test_stacking_copies_the_stack_per_branch(sd15):
     assert c1.calls and c2.calls and not c3.calls
     # the clone shares no mutable router state with its parent
     assert base.model_options["transformer_options"][ROUTER_KEY].controllers == (c1,)
-    patch = branch_a.model_options["transformer_options"]["patches_replace"]["attn2"][("input", 1, 0)]
-    assert isinstance(patch, RouterPatch)
+    # the router's patches live in the per-call options only: the MODEL carries none of them
+    assert not branch_a.model_options["transformer_options"].get("patches_replace")
+
+
+def test_a_replace_patch_installed_after_the_router_is_kept_and_routed(sd15):
+    """Order does not matter: another pack's patch set on the MODEL after ours (same three-part key,
+    and a two-part key) still runs, as our innermost default, and our controllers still see the calls."""
+    import comfy.ldm.modules.attention as A
+    seen = {"n": 0}
+
+    def other_pack(q, k, v, extra):
+        seen["n"] += 1
+        return A.optimized_attention(q, k, v, extra["n_heads"]) * 0.5
+
+    theirs = sd15.clone()
+    theirs.set_model_attn2_replace(other_pack, "output", 3)
+    theirs.set_model_attn1_replace(other_pack, "input", 1, 0)
+    ref = sample(theirs)
+    n_ref = seen["n"]
+    seen["n"] = 0
+    c = Counter()
+    ours = attach(sd15, c)
+    after = ours.clone()
+    after.set_model_attn2_replace(other_pack, "output", 3)
+    after.set_model_attn1_replace(other_pack, "input", 1, 0)
+    out = sample(after)
+    assert seen["n"] == n_ref > 0, "the patch installed after the router must still run"
+    assert c.calls[("cross", ("output", 3, 0), 0)] > 0 and c.calls[("self", ("input", 1, 0), 0)] > 0
+    assert torch.equal(out, ref)
+    assert torch.equal(sample(theirs), ref)
+
+
+def test_call_time_two_part_patches_are_the_default(sd15):
+    """Core PAG installs `(block, id)` replace patches inside a copied model_options at call time:
+    the router finds them in the call's own options (PAG + router == PAG alone, bit for bit)."""
+    from comfy_extras.nodes_pag import PerturbedAttentionGuidance
+    pag = PerturbedAttentionGuidance.execute(sd15, 3.0)[0]
+    ref = sample(pag)
+    assert not torch.equal(ref, sample(sd15)), "PAG must change the output on the tiny model"
+    c = Counter(kinds=("self",))
+    for m in (attach(pag, c), PerturbedAttentionGuidance.execute(attach(sd15, c), 3.0)[0]):
+        assert torch.equal(sample(m), ref)
+    assert c.calls[("self", ("middle", 0, 0), 0)] > 0
+
+
+class Layouts(Counter):
+    """Records the row layout the router reports for each self-attention call."""
+
+    def __init__(self):
+        super().__init__(kinds=("self",))
+        self.layouts = set()
+
+    def handles(self, call):
+        return True
+
+    def attend(self, q, k, v, call, nxt):
+        self.layouts.add((call.site.ds, call.batch, call.fold, call.kv_fold, q.shape[0], q.shape[1], call.plain))
+        return nxt(q, k, v)
+
+
+def test_hypertile_rows_are_reported_as_folds(sd15):
+    """HyperTile folds spatial tiles into the rows: each item has `fold` rows of tokens/fold tokens."""
+    from comfy_extras.nodes_hypertile import HyperTile
+    ht = HyperTile.execute(sd15, tile_size=64, swap_size=1, max_depth=0, scale_depth=False)[0]
+    ref = sample(ht)
+    c = Layouts()
+    out = sample(attach(ht, c))
+    assert torch.equal(out, ref)
+    folded = {l for l in c.layouts if l[0] == 1}
+    # 16x16 latent, 8x8 tiles: 4 query rows per item (2 chunks x 2 items); keys keep one row per item
+    assert folded == {(1, 2, 4, 1, 2 * 2 * 4, 64, False)}, folded
+    assert all(l[2] == 1 and l[3] == 1 and l[6] for l in c.layouts if l[0] != 1)
+
+
+def test_a_spatial_controller_stands_aside_where_the_layout_changed(sd15, caplog):
+    from comfy_extras.nodes_hypertile import HyperTile
+    ht = HyperTile.execute(sd15, tile_size=64, swap_size=1, max_depth=0, scale_depth=False)[0]
+    c = Counter(kinds=("self",))
+    with caplog.at_level("WARNING", logger="attention_control"):
+        out = sample(attach(ht, c))
+    assert torch.equal(out, sample(ht))
+    assert {s.ds for s in discover_sites(sd15) for (_, key, _) in c.calls if key == s.key} == {2, 4}
+    lines = [r.getMessage() for r in caplog.records if "stands aside" in r.getMessage()]
+    assert lines and all("counter" in m and "4 rows per item" in m for m in lines)
+    assert len(lines) == len({s.key for s in discover_sites(sd15) if s.kind == "self" and s.ds == 1})
 
 
 @pytest.mark.parametrize("path", ["ksampler_cfg1", "sampler_custom", "sampler_custom_advanced", "heun"])
