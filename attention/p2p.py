@@ -68,24 +68,35 @@ def replace_mapper(src_groups, tgt_groups, length: int = 77) -> torch.Tensor:
 
 def global_alignment(x: list[int], y: list[int]) -> list[int]:
     """Needleman-Wunsch (match +1, mismatch -1, gap 0): for each token of y the aligned index in x,
-    or -1 where y inserts a token. Ties prefer the diagonal, then a gap in x (insertion)."""
+    or -1 where y inserts a token.
+
+    Ties are broken as the reference code does (prompt-to-prompt's `seq_aligner.global_align`): each
+    cell records its move when it is filled, preferring a gap in x (y's token inserted), then a gap
+    in y (x's token dropped), then the diagonal; the traceback follows the recorded moves from the
+    last cell, along the borders as well. So where several alignments score the same (repeated or
+    hyphen-split tokens) the target token takes the same source column as in the reference."""
     n, m = len(x), len(y)
+    INSERT, DELETE, DIAG = 1, 2, 3
     score = [[0] * (m + 1) for _ in range(n + 1)]
+    move = [[INSERT] * (m + 1)] + [[DELETE] + [0] * m for _ in range(n)]
     for i in range(1, n + 1):
         for j in range(1, m + 1):
+            ins, dele = score[i][j - 1], score[i - 1][j]
             diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
-            score[i][j] = max(diag, score[i][j - 1], score[i - 1][j])
+            best = max(ins, dele, diag)
+            score[i][j] = best
+            move[i][j] = INSERT if best == ins else (DELETE if best == dele else DIAG)
     out = [-1] * m
     i, j = n, m
-    while i > 0 and j > 0:
-        diag = score[i - 1][j - 1] + (1 if x[i - 1] == y[j - 1] else -1)
-        if score[i][j] == diag:
+    while i > 0 or j > 0:
+        mv = move[i][j]
+        if mv == DIAG:
             out[j - 1] = i - 1
             i, j = i - 1, j - 1
-        elif score[i][j] == score[i][j - 1]:
-            j -= 1                                   # y[j-1] inserted
+        elif mv == INSERT:
+            j -= 1                                   # y[j-1] inserted: keeps its own column
         else:
-            i -= 1                                   # x[i-1] deleted
+            i -= 1                                   # x[i-1] dropped
     return out
 
 

@@ -64,6 +64,28 @@ def test_alignment_prefers_matches():
     assert p2p.global_alignment([1, 2, 3], [1, 3]) == [0, 2]
 
 
+def test_alignment_ties_follow_the_reference_order():
+    """seq_aligner.global_align records each cell's move at fill time, preferring left (insertion),
+    then up (deletion), then the diagonal. Hand-computed: x = [7], y = [7, 7]: cell (1, 2) ties
+    left (1) with diag (0 + 1), left wins, so y's SECOND token is the insertion."""
+    assert p2p.global_alignment([7], [7, 7]) == [0, -1]
+    assert p2p.global_alignment([], [4, 5]) == [-1, -1]
+    assert p2p.global_alignment([4, 5], []) == []
+
+
+def test_refine_alignment_of_hyphenated_words(clip_l):
+    """'a black-and-white photo of a cat' -> 'a full-color photo of a cat'. Source tokens:
+    BOS a black - and - white photo of a cat EOS (0..11); target: BOS a full - color photo of a cat
+    EOS. The target's hyphen could take either source hyphen (3 or 5) at the same score; traced by
+    hand through the reference's recorded moves it takes the first (3)."""
+    s = _Prompt(clip_l, "a black-and-white photo of a cat", "source")
+    t = _Prompt(clip_l, "a full-color photo of a cat", "target")
+    assert len(s.ids_to_eos()) == 12 and len(t.ids_to_eos()) == 10
+    assert p2p.global_alignment(s.ids_to_eos(), t.ids_to_eos()) == [0, 1, -1, 3, -1, 7, 8, 9, 10, 11]
+    P, alpha = p2p.refine_mapper(s.ids_to_eos(), t.ids_to_eos(), 77)
+    assert int(P[:, 3].argmax()) == 3 and alpha[2] == 0 and alpha[4] == 0
+
+
 # ---------------------------------------------------------------- fused == naive
 
 class _Call:
