@@ -46,6 +46,15 @@ def default_start_layer(sites) -> int:
     return min(s.order for s in up if s.ds in fine)
 
 
+def resize_user_mask(masks: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(n, H, W) user masks at a layer's h x w: nearest-neighbour sampling, as the reference
+    (`F.interpolate` default mode), then foreground where the sampled value is above 0.5 (binary
+    masks are unchanged by the threshold; soft ones are binarised as the reference's `mask == 1` /
+    `mask == 0` tests need)."""
+    m = F.interpolate(masks[:, None].to(torch.float32), size=(h, w), mode="nearest")[:, 0]
+    return (m > 0.5).float()
+
+
 @dataclass
 class MaskSpec:
     """Mask guidance: word positions (source, per target) for automatic masks, or given masks
@@ -157,9 +166,7 @@ class MasaCtrlController(Controller):
     def _masks_at(self, call, d) -> torch.Tensor | None:
         """(B, h*w) masks in [0, 1] at this layer's size, or None (no guidance this call)."""
         if "given" in d:
-            m = d["given"][:, None]
-            m = F.interpolate(m.to(torch.float32), size=(call.h, call.w), mode="bilinear", align_corners=False)
-            m = (m > 0.5).float()
+            m = resize_user_mask(d["given"], call.h, call.w)[:, None]
         else:
             cur = d["maps"].get(call.step)
             src = cur if cur is not None else d["prev"]

@@ -134,3 +134,18 @@ def test_sdxl_shaped_model(sdxl):
     ref = M.ksample(sdxl, pos, neg, lat, steps=3)
     out = M.ksample(m, pos, neg, lat, steps=3)
     assert torch.equal(out[0], ref[0]) and not torch.equal(out[1], ref[1])
+
+
+def test_user_masks_are_resized_as_the_reference():
+    """Nearest-neighbour sampling (the reference's F.interpolate default), not bilinear + threshold.
+    Hand case: an 8-wide mask with columns 1-2 painted, at a 4-wide layer: nearest samples columns
+    0, 2, 4, 6 -> output column 1 is foreground; bilinear averages (0,1) and (2,3) -> 0.5 -> nothing."""
+    from attention_control.attention.masactrl import resize_user_mask
+    m = torch.zeros(1, 8, 8)
+    m[:, :, 1:3] = 1
+    out = resize_user_mask(m, 4, 4)
+    want = torch.zeros(1, 4, 4)
+    want[:, :, 1] = 1
+    assert torch.equal(out, want)
+    soft = torch.full((1, 4, 4), 0.6)
+    assert torch.equal(resize_user_mask(soft, 2, 2), torch.ones(1, 2, 2))
