@@ -43,9 +43,16 @@ class AttentionMaps:
 
     def require(self) -> torch.Tensor:
         if self.maps is None:
+            if self.runs:
+                raise AttentionControlError(
+                    "attn_maps: no maps were captured: the last sampling run with the capture node's MODEL ran no "
+                    "step inside start_percent..end_percent at the captured layers (denoise 0, a start step at or "
+                    "past the last step, or a window that holds no step); sample at least one step inside the window")
             raise AttentionControlError(
-                "attn_maps: no maps were captured yet. Sample with the MODEL output of the capture node "
-                "(KSampler or a custom sampler) and feed that sampler's output into this node.")
+                "attn_maps: no maps were captured yet: no sampling step ran with the capture node's MODEL. Sample "
+                "that MODEL with denoise > 0 and at least one step (at denoise 0 the sampler returns the latent "
+                "without calling the model), and feed that sampler's output into this node so it runs after "
+                "sampling.")
         return self.maps
 
 

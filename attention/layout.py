@@ -37,6 +37,7 @@ from .core import (AttentionControlError, Controller, LayerSelector, Run, StopFo
                    select_sites)
 from .grad import WeightReferences, autograd_weights
 from .maps import split_heads, token_columns
+from .validate import check_finite, check_range
 
 DEFAULT_LAYERS = "mid, up@1/4"
 
@@ -67,7 +68,10 @@ class Boxes(tuple):
 def _check_box(phrase: str, vals, units: str, width: int, height: int, where: str) -> Box:
     if len(vals) != 4:
         raise AttentionControlError(f"boxes: {where} needs 4 numbers x0,y0,x1,y1, got {len(vals)}")
-    x0, y0, x1, y1 = (float(v) for v in vals)
+    try:
+        x0, y0, x1, y1 = (float(v) for v in vals)
+    except (TypeError, ValueError):
+        raise AttentionControlError(f"boxes: {where}: coordinates must be numbers x0,y0,x1,y1") from None
     if any(not math.isfinite(v) for v in (x0, y0, x1, y1)):
         raise AttentionControlError(f"boxes: {where} has a non-finite coordinate")
     if units == "pixels":
@@ -234,10 +238,13 @@ class LayoutController(Controller):
             raise AttentionControlError("boxes: give at least one box")
         if mode not in ("backward", "forward", "both"):
             raise AttentionControlError(f"mode: '{mode}' is not backward, forward or both")
-        if strength < 0 or forward_strength < 0 or forward_strength > 1:
-            raise AttentionControlError("strength must be >= 0 and forward_strength in [0, 1]")
+        # NaN compares False with everything: without these a NaN strength turned guidance off silently
+        check_range("strength", strength, 0.0, None, "use a loss scale >= 0 (paper: 30; 0 turns guidance off)")
+        check_range("forward_strength", forward_strength, 0.0, 1.0)
+        check_range("energy_threshold", threshold, 0.0, None)
         if iterations < 0:
-            raise AttentionControlError("iterations must be >= 0")
+            raise AttentionControlError(f"iterations: {iterations} must be >= 0")
+        check_finite("guided_steps", guided_fraction, "give a fraction of the steps in [0, 1]")
         if not 0.0 <= guided_fraction <= 1.0:
             raise AttentionControlError(f"guided_steps: {guided_fraction} is not a fraction in [0, 1]")
         self.objects = objects

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from .core import AttentionControlError, Controller, LayerSelector, Run, Site, select_sites, sites_or_coarsest
 from .maps import normalize, token_columns, word_maps
+from .validate import check_finite, check_range
 
 SD1_BLOCKS, SDXL_BLOCKS = 16, 70
 SD1_START_LAYER, SDXL_START_LAYER = 10, 54
@@ -73,8 +74,13 @@ class MasaCtrlController(Controller):
                  mask: MaskSpec | None = None, prompt_len: int = 77):
         if mode not in ("mutual", "union"):
             raise AttentionControlError(f"mode: '{mode}' is not mutual or union")
+        check_finite("start_step", start_step, "give a step count (>= 1) or a fraction of the steps (< 1)")
         if start_step < 0:
             raise AttentionControlError(f"start_step: {start_step} must be >= 0 (a step count, or a fraction < 1)")
+        if mask is not None:
+            check_range("mask_threshold", mask.threshold, 0.0, 1.0)
+            if mask.masks is not None:
+                check_finite("source_mask/target_mask", mask.masks, "fix the node that makes the mask")
         if mode == "union" and mask is not None:
             raise AttentionControlError("mode: union does not combine with mask guidance; use mutual with masks")
         if start_layer is not None and start_layer < 0:
@@ -114,6 +120,12 @@ class MasaCtrlController(Controller):
         S = run.n_steps
         d = run.data(self)
         d["start"] = int(round(self.start_step * S)) if self.start_step < 1 else int(self.start_step)
+        if d["start"] >= S:
+            given = f"{self.start_step:g} of {S} steps" if self.start_step < 1 else f"{self.start_step:g}"
+            raise AttentionControlError(
+                f"start_step: {given} starts at step {d['start']}, but this run has {S} sampling step(s) "
+                f"(0..{S - 1}), so MasaCtrl would never act; use a start_step below {S} (e.g. {max(S // 4, 0)}), "
+                "a fraction < 1, or sample more steps")
         d["maps"] = {}
         d["prev"] = None
         if self.mask is not None:
@@ -125,6 +137,12 @@ class MasaCtrlController(Controller):
                         "for the source and one for the target(s)")
                 if m.shape[0] < run.batch:
                     m = torch.cat([m[:1], m[-1:].expand(run.batch - 1, -1, -1)], 0)
+                at = resize_user_mask(m, *run.latent_hw)          # as the layers at the latent's size see it
+                for i, name in ((0, "source_mask"), (min(1, m.shape[0] - 1), "target_mask")):
+                    if not bool(at[i].any()):
+                        raise AttentionControlError(
+                            f"{name}: resized to this {run.latent_hw[0]}x{run.latent_hw[1]} latent the mask covers "
+                            "no latent pixel (no value above 0.5); enlarge the painted subject")
                 d["given"] = m.float()
             else:
                 n_t = len(self.mask.tgt_positions or [])

@@ -102,8 +102,8 @@ def check_region(region: Region, where: str) -> Region:
             raise AttentionControlError(
                 f"{where}: the mask of region {region.describe()} covers nothing (all zero); paint the region "
                 "or remove it")
-    if not (region.strength >= 0.0):
-        raise AttentionControlError(f"{where}: strength must be >= 0, got {region.strength}")
+    if not (0.0 <= region.strength < float("inf")):                 # NaN fails too
+        raise AttentionControlError(f"{where}: strength must be a finite number >= 0, got {region.strength}")
     return region
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from .core import AttentionControlError, Controller, LayerSelector, Run, require_prompt_length, select_sites
 from .maps import split_heads, token_columns
 from .tiled import TILE_KEY, canvas_level, crop_per_piece
+from .validate import check_finite, check_range
 
 
 @dataclass
@@ -85,9 +86,14 @@ class PaintWithWordsController(Controller):
             raise AttentionControlError("phrases: paint at least one phrase of the prompt")
         if mode not in ("ediff-i", "collage"):
             raise AttentionControlError(f"mode: '{mode}' is not ediff-i or collage")
-        if not 0.0 <= start <= end <= 1.0:
+        if not 0.0 <= start <= end <= 1.0:                      # False for NaN too
             raise AttentionControlError(f"start/end: need 0 <= start <= end <= 1, got {start}, {end}")
+        check_range("weight", weight, 0.0, None, "use a weight >= 0 (paper: 0.1; 0 = off)")
+        check_range("collage_positive", s_pos, 0.0, None)
+        check_range("collage_negative", s_neg, 0.0, None)
         for p in phrases:
+            check_finite(f"masks: the mask of '{p.label}'", p.mask, "fix the node that makes the mask")
+            check_range(f"strengths: '{p.label}'", p.strength, 0.0, None)
             if float(p.mask.max()) <= 0.0:
                 raise AttentionControlError(
                     f"masks: the mask of '{p.label}' covers nothing; paint the region or remove the phrase")

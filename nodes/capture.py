@@ -6,9 +6,10 @@ from comfy_api.latest import io
 
 from ..attention import maps as M
 from ..attention.capture import AttentionMaps, CaptureController
-from ..attention.core import LayerSelector
+from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.router import attach
-from .common import CATEGORY, resolve_words
+from ..attention.tokens import parse_word_list
+from .common import CATEGORY, check_widgets, resolve_words, validation_result
 
 AttnMaps = io.Custom("ATTN_MAPS")
 
@@ -45,12 +46,30 @@ class CaptureAttention(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, words=None, layers=None, start_percent=None, end_percent=None):
+        return validation_result(cls, locals(), check_capture_widgets)
+
+    @classmethod
     def execute(cls, model, clip, prompt, words, layers, start_percent, end_percent, keep_per_step):
+        check_widgets(cls, locals())
+        check_capture_widgets(locals())
         specs, prompt_len = resolve_words(clip, prompt, words)
         handle = AttentionMaps([s.label for s in specs])
         ctrl = CaptureController(specs, prompt_len, handle, LayerSelector.parse(layers),
                                  start_percent, end_percent, keep_per_step)
         return io.NodeOutput(attach(model, ctrl), handle)
+
+
+def check_capture_widgets(values: dict) -> None:
+    """The checks that follow from the capture node's widget values alone (validate_inputs)."""
+    if values.get("words") is not None and not parse_word_list(values["words"]):
+        raise AttentionControlError("words: give at least one word of the prompt (comma-separated)")
+    if values.get("layers") is not None:
+        LayerSelector.parse(values["layers"])
+    a, b = values.get("start_percent"), values.get("end_percent")
+    if a is not None and b is not None and not a < b:
+        raise AttentionControlError(f"start_percent: {a:g} is not below end_percent {b:g}, so no step would be "
+                                    "captured; use start_percent < end_percent")
 
 
 def _latent_rgb_size(latent, image):
@@ -87,11 +106,12 @@ class AttentionHeatmap(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs):
-        return True
+    def validate_inputs(cls, threshold=None, alpha=None):
+        return validation_result(cls, locals())
 
     @classmethod
     def execute(cls, attn_maps, threshold, alpha, per_step, image=None, latent=None):
+        check_widgets(cls, locals())
         if image is None and latent is None:
             raise ValueError("image/latent: connect the decoded IMAGE or the sampled LATENT of the captured run, "
                              "so that this node runs after sampling")

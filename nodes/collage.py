@@ -11,7 +11,8 @@ from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.regions import PaintedPhrase, PaintWithWordsController
 from ..attention.router import attach
 from ..attention.tokens import TokenError, flatten_chunks, sequential_positions, word_token_ids
-from .common import CATEGORY, chunks_of, sd_tokenizer
+from ..attention.validate import check_finite, check_mask
+from .common import CATEGORY, check_widgets, chunks_of, sd_tokenizer, validation_result
 
 MASK_MEANINGS = ["opacity (1 = layer)", "transparency (LoadImage's MASK)"]
 
@@ -78,12 +79,19 @@ class CollageLayer(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength=None, mask_meaning=None):
+        return validation_result(cls, locals())
+
+    @classmethod
     def execute(cls, image, prompt, strength, mask_meaning, layers=None, mask=None):
+        check_widgets(cls, locals())
         below = tuple(layers or ())
         where = f"layer {len(below) + 1}"
-        if image.ndim != 4 or image.shape[0] != 1:
-            raise AttentionControlError(f"image: {where} got a batch of {image.shape[0]} images; a layer is one image: "
+        if not torch.is_tensor(image) or image.ndim != 4 or image.shape[0] != 1:
+            n = image.shape[0] if torch.is_tensor(image) and image.ndim == 4 else "?"
+            raise AttentionControlError(f"image: {where} got a batch of {n} images; a layer is one image: "
                                         "chain one Collage Layer per image")
+        check_finite(f"image ({where})", image, "the image has NaN or infinite pixels; fix the node that makes it")
         if mask_meaning not in MASK_MEANINGS:
             raise AttentionControlError(f"mask_meaning: '{mask_meaning}' is not one of {MASK_MEANINGS}")
         if not 0.0 <= strength <= 1.0:
@@ -96,9 +104,18 @@ class CollageLayer(io.ComfyNode):
         if mask is None:
             alpha = torch.ones(h, w)
         else:
-            m = mask.reshape(-1, *mask.shape[-2:]).float()
+            m = check_mask("mask", mask, where)
             if m.shape[0] != 1:
                 raise AttentionControlError(f"mask: {where} got a batch of {m.shape[0]} masks; give the layer's one mask")
+            if below and mask_meaning == MASK_MEANINGS[1] and float(m.max()) <= 0.0:
+                # LoadImage gives an all-zero MASK for an image without alpha (RGB PNG / JPEG): read as
+                # transparency, the layer would be opaque everywhere and hide every layer below it
+                raise AttentionControlError(
+                    f"mask: {where} has no transparent pixel (an all-zero transparency MASK, which is what "
+                    "LoadImage gives for an image without an alpha channel), so it would cover the whole canvas "
+                    "and hide the layers below; save the layer as an RGBA PNG whose alpha is 0 outside the object, "
+                    "or connect a mask of the object (e.g. from a mask editor or Boxes to Mask) with mask_meaning "
+                    "'opacity (1 = layer)'; an opaque full-canvas layer belongs at the bottom")
             if tuple(m.shape[-2:]) != (h, w):
                 m = torch.nn.functional.interpolate(m[:, None], size=(h, w), mode="bilinear", align_corners=False)[:, 0]
             alpha = 1.0 - m[0] if mask_meaning == MASK_MEANINGS[1] else m[0]
@@ -141,7 +158,12 @@ class CollageLayers(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, attention_positive=None, attention_negative=None, dilate=None, blur=None):
+        return validation_result(cls, locals())
+
+    @classmethod
     def execute(cls, model, clip, vae, layers, attention_positive, attention_negative, dilate, blur):
+        check_widgets(cls, locals())
         layers = tuple(layers or ())
         if not layers:
             raise AttentionControlError("layers: connect Collage Layer nodes (bottom layer first)")

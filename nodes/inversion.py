@@ -1,6 +1,8 @@
 """Nodes: AttnCtl_DDIMInversion, AttnCtl_NullTextInversion, AttnCtl_ReplaySource."""
 from __future__ import annotations
 
+import logging
+
 import comfy.samplers
 import latent_preview
 from comfy_api.latest import io
@@ -9,6 +11,10 @@ from ..attention.core import AttentionControlError
 from ..attention.replay import ReplayController
 from ..attention.router import attach
 from ..attention.inversion_glue import ddim_invert, null_text_invert
+from ..attention.validate import check_finite
+from .common import check_widgets, validation_result
+
+log = logging.getLogger("attention_control.inversion")
 
 TrajectoryType = io.Custom("TRAJECTORY")
 
@@ -37,9 +43,11 @@ class DDIMInversion(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, positive, latent, steps, scheduler):
+        check_widgets(cls, locals())
         if latent["samples"].shape[0] != 1:
             raise AttentionControlError(
                 f"latent: DDIM inversion takes one image (batch 1), got a batch of {latent['samples'].shape[0]}")
+        check_finite("latent", latent["samples"], "re-encode the image with VAEEncode")
         cb = latent_preview.prepare_callback(model, steps)
         out, traj = ddim_invert(model, positive, latent, steps, scheduler, callback=cb)
         return io.NodeOutput(out, traj)
@@ -66,7 +74,8 @@ class NullTextInversion(io.ComfyNode):
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="Schedule; sample with the same."),
                 io.Float.Input("cfg", default=7.5, min=1.0, max=30.0, step=0.1,
-                               tooltip="The CFG scale the edit will be sampled with (paper: 7.5)."),
+                               tooltip="The CFG scale the edit will be sampled with (paper: 7.5). At 1.0 the "
+                                       "negative takes no part: the node returns plain DDIM inversion."),
                 io.Int.Input("iterations", default=10, min=0, max=100,
                              tooltip="Adam iterations per step at most (paper: 10); early stop at 1e-5 + 2e-5 * step."),
             ],
@@ -75,13 +84,26 @@ class NullTextInversion(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, cfg=None, steps=None, iterations=None, scheduler=None):
+        return validation_result(cls, locals())
+
+    @classmethod
     def execute(cls, model, positive, negative, latent, steps, scheduler, cfg, iterations):
+        check_widgets(cls, locals())
         if latent["samples"].shape[0] != 1:
             raise AttentionControlError(
                 f"latent: null-text inversion takes one image (batch 1), got a batch of {latent['samples'].shape[0]}")
+        check_finite("latent", latent["samples"], "re-encode the image with VAEEncode")
         if not negative:
             raise AttentionControlError("negative: connect a negative conditioning (e.g. an empty prompt)")
         cb = latent_preview.prepare_callback(model, steps)
+        if cfg <= 1.0:
+            # CFG 1 is the positive prediction alone: the negative takes no part, so there is nothing to
+            # optimise and the inversion is plain DDIM inversion (which CFG-1 sampling reconstructs)
+            log.info("Null-text Inversion: cfg %.2f uses no negative, so there is nothing to optimise; returning "
+                     "the plain DDIM inversion and the negative unchanged (sample at cfg 1 to reconstruct)", cfg)
+            inv, traj = ddim_invert(model, positive, latent, steps, scheduler, callback=cb)
+            return io.NodeOutput(inv, traj, negative)
         inv, traj, neg, _log = null_text_invert(model, positive, negative, latent, steps, scheduler, cfg, iterations,
                                                 callback=cb)
         return io.NodeOutput(inv, traj, neg)

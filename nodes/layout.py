@@ -7,7 +7,7 @@ from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.layout import DEFAULT_LAYERS, LayoutController, LayoutObject, boxes_to_masks, parse_boxes
 from ..attention.router import attach
 from ..attention.tokens import flatten_chunks
-from .common import CATEGORY, chunks_of, resolve_words, sd_tokenizer
+from .common import CATEGORY, check_widgets, chunks_of, resolve_words, sd_tokenizer, validation_result
 
 BoxesType = io.Custom("BOXES")
 
@@ -37,7 +37,15 @@ class Boxes(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, boxes=None, units=None, width=None, height=None):
+        def extra(v):
+            if None not in (boxes, units, width, height):
+                parse_boxes(boxes, units, width, height)
+        return validation_result(cls, locals(), extra)
+
+    @classmethod
     def execute(cls, boxes, units, width, height):
+        check_widgets(cls, locals())
         return io.NodeOutput(parse_boxes(boxes, units, width, height))
 
 
@@ -63,6 +71,7 @@ class BoxesToMask(io.ComfyNode):
 
     @classmethod
     def execute(cls, boxes, width, height, index, union):
+        check_widgets(cls, locals())
         if index >= len(boxes):
             raise AttentionControlError(f"index: {index} but there are only {len(boxes)} boxes (0..{len(boxes) - 1})")
         sel = list(boxes) if index < 0 else [boxes[index]]
@@ -70,6 +79,15 @@ class BoxesToMask(io.ComfyNode):
         if union:
             masks = masks.amax(0, keepdim=True)
         return io.NodeOutput(masks)
+
+
+def check_layout_widgets(values: dict) -> None:
+    """The checks that follow from Layout Guidance's widget values alone (validate_inputs)."""
+    if values.get("prompt") is not None and not values["prompt"].strip():
+        raise AttentionControlError("prompt: give the positive prompt that contains the boxes' phrases")
+    layers = values.get("layers")
+    if layers is not None and layers.strip().lower() not in ("", "auto"):
+        LayerSelector.parse(layers)
 
 
 def _special_positions(clip, prompt: str, which: str) -> list[int]:
@@ -125,12 +143,20 @@ class LayoutGuidance(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, prompt=None, mode=None, strength=None, iterations=None, energy_threshold=None,
+                        guided_steps=None, forward_strength=None, layers=None, special_tokens=None):
+        return validation_result(cls, locals(), check_layout_widgets)
+
+    @classmethod
     def execute(cls, model, clip, prompt, boxes, mode, strength, iterations, energy_threshold, guided_steps,
                 forward_strength, layers, special_tokens):
-        if not prompt.strip():
-            raise AttentionControlError("prompt: give the positive prompt that contains the boxes' phrases")
+        check_widgets(cls, locals())
+        check_layout_widgets(locals())
+        if not boxes:
+            raise AttentionControlError("boxes: connect BOXES with at least one box")
         phrases = ",".join(b.phrase.replace(",", " ") for b in boxes)
-        specs, prompt_len = resolve_words(clip, prompt, phrases)
+        # the phrases come from the boxes: a phrase missing from the prompt is the boxes' (or the prompt's) error
+        specs, prompt_len = resolve_words(clip, prompt, phrases, input_name="boxes")
         extra = _special_positions(clip, prompt, special_tokens)
         objects = [LayoutObject(b, list(s.positions) + [p for p in extra if p not in s.positions])
                    for b, s in zip(boxes, specs)]

@@ -7,7 +7,24 @@ from comfy_api.latest import io
 from ..attention.core import AttentionControlError
 from ..attention.masactrl import MaskSpec, MasaCtrlController
 from ..attention.router import attach
-from .p2p import _Prompt, edit_batch
+from ..attention.validate import check_mask
+from .common import check_widgets, validation_result
+from .p2p import _Prompt, check_edit_latent, edit_batch
+
+
+def check_masactrl_widgets(values: dict) -> None:
+    """The checks that follow from MasaCtrl's widget values alone (validate_inputs)."""
+    s = values.get("start_step")
+    if s is not None and s >= 1 and float(s) != int(s):
+        raise AttentionControlError(f"start_step: {s:g} is neither a step count (a whole number >= 1) nor a fraction "
+                                    f"of the steps (< 1); use {int(s)} or {int(s) + 1}")
+    tp = values.get("target_prompts")
+    if tp is not None and not tp.strip():
+        raise AttentionControlError("target_prompts: give one target prompt per line")
+    words = (values.get("mask_source_word") or "").strip() or (values.get("mask_target_word") or "").strip()
+    if values.get("mode") == "union" and words:
+        raise AttentionControlError("mode: union does not combine with mask guidance (mask_source_word / "
+                                    "mask_target_word); use mode mutual with masks, or clear the mask words")
 
 
 class MasaCtrl(io.ComfyNode):
@@ -56,12 +73,16 @@ class MasaCtrl(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs):
-        return True
+    def validate_inputs(cls, target_prompts=None, start_step=None, start_layer=None, mode=None, mask_source_word=None,
+                        mask_target_word=None, mask_threshold=None):
+        return validation_result(cls, locals(), check_masactrl_widgets)
 
     @classmethod
     def execute(cls, model, clip, latent, source_prompt, target_prompts, negative_prompt, start_step, start_layer,
                 mode, mask_source_word, mask_target_word, mask_threshold, source_mask=None, target_mask=None):
+        check_widgets(cls, locals())
+        check_masactrl_widgets(locals())
+        check_edit_latent(latent, "MasaCtrl")
         tgt_texts = [t.strip() for t in target_prompts.splitlines() if t.strip()]
         if not source_prompt.strip():
             raise AttentionControlError("source_prompt: give the prompt of the source image")
@@ -69,13 +90,17 @@ class MasaCtrl(io.ComfyNode):
             raise AttentionControlError("target_prompts: give one target prompt per line")
         mask = None
         if source_mask is not None or target_mask is not None:
-            sm = source_mask if source_mask is not None else target_mask
-            tm = target_mask if target_mask is not None else sm
-            sm, tm = sm.reshape(-1, *sm.shape[-2:])[:1], tm.reshape(-1, *tm.shape[-2:])[:1]
+            fix = "paint the subject (values > 0.5) or disconnect the mask"
+            sm = check_mask("source_mask", source_mask, single=True, nonempty=True, threshold=0.5, fix_empty=fix)
+            tm = check_mask("target_mask", target_mask, single=True, nonempty=True, threshold=0.5, fix_empty=fix)
+            sm = sm if sm is not None else tm
+            tm = tm if tm is not None else sm
             if sm.shape != tm.shape:
                 tm = torch.nn.functional.interpolate(tm[None].float(), size=sm.shape[-2:], mode="bilinear")[0]
-            if float(sm.max()) <= 0.5:
-                raise AttentionControlError("source_mask: the mask covers nothing; paint the subject (values > 0.5)")
+                if float(tm.max()) <= 0.5:
+                    raise AttentionControlError(
+                        f"target_mask: resized to the source mask's {sm.shape[-2]}x{sm.shape[-1]} it covers nothing; "
+                        "give both masks at the same size")
             mask = MaskSpec(masks=torch.cat([sm.float(), tm.float()], 0), threshold=mask_threshold)
         elif mask_source_word.strip() or mask_target_word.strip():
             sw = mask_source_word.strip() or mask_target_word.strip()

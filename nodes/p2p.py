@@ -8,7 +8,8 @@ from ..attention.core import AttentionControlError
 from ..attention.p2p import LocalBlendSpec, P2PController, TargetEdit, refine_mapper, replace_mapper
 from ..attention.router import attach
 from ..attention.tokens import TokenError, find_positions, flatten_chunks, parse_word_list, word_token_ids
-from .common import CATEGORY, chunks_of, sd_tokenizer
+from ..attention.validate import check_finite, parse_number
+from .common import CATEGORY, check_widgets, chunks_of, sd_tokenizer, validation_result
 
 L = 77
 
@@ -95,11 +96,48 @@ def _parse_pairs(text: str, input_name: str, fmt: str):
     return out
 
 
-def _float(val: str, input_name: str, word: str) -> float:
-    try:
-        return float(val)
-    except ValueError:
-        raise AttentionControlError(f"{input_name}: '{val}' for '{word}' is not a number") from None
+def _float(val: str, input_name: str, word: str, form: str = "word: number") -> float:
+    """A finite number from a 'word: value' item; the error shows the item and its form."""
+    return parse_number(input_name, val, f"{word}: {val}", form)
+
+
+REWEIGHT_FORM = "'word: factor' (e.g. 'red: 3, blue: -1')"
+WINDOW_FORM = "'word: end' or 'word: start-end' with fractions 0 <= start <= end <= 1 (e.g. 'cat: 0.2-0.6')"
+
+
+def parse_reweight(text: str) -> list[tuple[str, float]]:
+    """'word: factor' items -> [(word, factor)]; malformed items and non-finite factors are errors."""
+    return [(w, _float(v, "reweight", w, REWEIGHT_FORM)) for w, v in _parse_pairs(text, "reweight", REWEIGHT_FORM)]
+
+
+def parse_windows(text: str) -> list[tuple[str, float, float]]:
+    """'word: end' / 'word: start-end' items -> [(word, start, end)], checked."""
+    out = []
+    for word, val in _parse_pairs(text, "word_windows", WINDOW_FORM):
+        if not word:
+            raise AttentionControlError(f"word_windows: ': {val}' has no word; use the form {WINDOW_FORM}")
+        if "-" in val:
+            a, b = val.split("-", 1)
+            ws, we = _float(a, "word_windows", word, WINDOW_FORM), _float(b, "word_windows", word, WINDOW_FORM)
+        else:
+            ws, we = 0.0, _float(val, "word_windows", word, WINDOW_FORM)
+        if not 0 <= ws <= we <= 1:
+            raise AttentionControlError(f"word_windows: '{word}: {val}' needs 0 <= start <= end <= 1; use the form "
+                                        f"{WINDOW_FORM}")
+        out.append((word, ws, we))
+    return out
+
+
+def check_p2p_widgets(values: dict) -> None:
+    """The checks that follow from Prompt-to-Prompt's widget values alone (validate_inputs)."""
+    if values.get("reweight") is not None:
+        parse_reweight(values["reweight"])
+    if values.get("word_windows") is not None:
+        parse_windows(values["word_windows"])
+    tp, mode = values.get("target_prompts"), values.get("mode")
+    if tp is not None and mode in ("replace", "refine") and not tp.strip():
+        raise AttentionControlError(f"target_prompts: mode {mode} edits toward target prompts: give one target "
+                                    "prompt per line (or use mode reweight to reweight the source prompt)")
 
 
 def encode_batch(clip, texts):
@@ -118,6 +156,20 @@ def encode_batch(clip, texts):
     return [[cond, extra]]
 
 
+def check_edit_latent(latent, node: str) -> None:
+    """The latent of an edit node: one item (the node builds the [source, targets] batch), finite."""
+    samples = latent["samples"] if isinstance(latent, dict) else None
+    if not torch.is_tensor(samples):
+        raise AttentionControlError("latent: connect a LATENT (an empty latent or an encoded / inverted image)")
+    if samples.shape[0] != 1:
+        raise AttentionControlError(
+            f"latent: {node} takes one latent item and builds the [source, target...] batch itself, got a batch "
+            f"of {samples.shape[0]}; use a batch-1 latent (EmptyLatentImage batch_size 1, or Latent From Batch) "
+            "and run one edit per image")
+    check_finite("latent", samples, "the latent has NaN or infinite values; re-encode the image or use an empty "
+                                    "latent")
+
+
 def edit_batch(clip, latent: dict, texts: list[str], negative_prompt: str):
     """The batch of an edit [source, target...]: positive (one prompt per item), negative, and the
     latent repeated with one shared noise (batch_index 0 for every item: KSampler / SamplerCustom
@@ -126,8 +178,6 @@ def edit_batch(clip, latent: dict, texts: list[str], negative_prompt: str):
     positive = encode_batch(clip, texts)
     negative = encode_batch(clip, [negative_prompt] * n)
     samples = latent["samples"]
-    if samples.shape[0] != 1:
-        samples = samples[:1]
     out = dict(latent)
     out["samples"] = samples.repeat(n, *([1] * (samples.dim() - 1)))
     out["batch_index"] = [0] * n
@@ -164,19 +214,9 @@ def build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_
         else:
             raise AttentionControlError(f"mode: '{mode}' is not one of replace, refine, reweight")
         weights = torch.ones(L)
-        for word, val in _parse_pairs(reweight, "reweight", "word: factor"):
-            f = _float(val, "reweight", word)
+        for word, f in parse_reweight(reweight):
             weights[tp.positions(word, "reweight")] = f
-        windows = []
-        for word, val in _parse_pairs(word_windows, "word_windows", "word: end or word: start-end"):
-            if "-" in val:
-                a, b = val.split("-", 1)
-                ws, we = _float(a, "word_windows", word), _float(b, "word_windows", word)
-            else:
-                ws, we = 0.0, _float(val, "word_windows", word)
-            if not 0 <= ws <= we <= 1:
-                raise AttentionControlError(f"word_windows: '{word}: {val}' needs 0 <= start <= end <= 1")
-            windows.append((tp.positions(word, "word_windows"), ws, we))
+        windows = [(tp.positions(word, "word_windows"), ws, we) for word, ws, we in parse_windows(word_windows)]
         targets.append(TargetEdit(mapper, alpha, weights, windows))
     blend = None
     if blend_source_words.strip() or blend_target_words.strip():
@@ -245,9 +285,17 @@ class PromptToPrompt(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, target_prompts=None, mode=None, reweight=None, cross_replace=None, word_windows=None,
+                        self_replace=None, blend_threshold=None, blend_start=None):
+        return validation_result(cls, locals(), check_p2p_widgets)
+
+    @classmethod
     def execute(cls, model, clip, latent, source_prompt, target_prompts, mode, reweight, cross_replace,
                 word_windows, self_replace, blend_source_words, blend_target_words, blend_threshold, blend_start,
                 negative_prompt):
+        check_widgets(cls, locals())
+        check_p2p_widgets(locals())
+        check_edit_latent(latent, "Prompt-to-Prompt")
         m, texts = build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace, word_windows,
                              self_replace, blend_source_words, blend_target_words, blend_threshold, blend_start)
         return io.NodeOutput(m, *edit_batch(clip, latent, texts, negative_prompt))

@@ -11,7 +11,8 @@ from ..attention.region_prompts import (BOOTSTRAP_COLOURS, REGION_KEY, Region, R
 from ..attention.regions import PaintedPhrase, PaintWithWordsController
 from ..attention.router import attach
 from ..attention.tokens import parse_word_list
-from .common import CATEGORY, resolve_words
+from ..attention.validate import check_mask
+from .common import CATEGORY, check_widgets, resolve_words, validation_result
 from .layout import BoxesType
 from .p2p import _float, _parse_pairs
 
@@ -56,32 +57,39 @@ class PaintWithWords(io.ComfyNode):
         )
 
     @classmethod
-    def validate_inputs(cls, **kwargs):
-        return True
+    def validate_inputs(cls, prompt=None, mode=None, weight=None, strengths=None, collage_positive=None,
+                        collage_negative=None, layers=None, end_percent=None):
+        return validation_result(cls, locals(), check_paint_widgets)
 
     @classmethod
     def execute(cls, model, clip, prompt, mode, weight, strengths, collage_positive, collage_negative, layers,
                 end_percent, boxes=None, masks=None, mask_phrases=""):
-        regions = []                                                   # (phrase, mask)
+        check_widgets(cls, locals())
+        check_paint_widgets(locals())
+        box_regions, mask_regions = [], []                             # (phrase, mask)
         if boxes is not None:
             bm = boxes_to_masks(list(boxes), 64, 64)
-            regions += [(b.phrase, bm[i]) for i, b in enumerate(boxes)]
+            box_regions = [(b.phrase, bm[i]) for i, b in enumerate(boxes)]
         names = parse_word_list(mask_phrases or "")
         if masks is not None:
-            m = masks.reshape(-1, *masks.shape[-2:])
+            m = check_mask("masks", masks)
             if len(names) != m.shape[0]:
                 raise AttentionControlError(
                     f"mask_phrases: {len(names)} phrase(s) for a batch of {m.shape[0]} mask(s); give one phrase per "
                     "mask, comma-separated, in batch order")
-            regions += list(zip(names, m.float()))
+            mask_regions = list(zip(names, m))
         elif names:
             raise AttentionControlError("masks: mask_phrases is set but no MASK is connected")
+        regions = box_regions + mask_regions
         if not regions:
             raise AttentionControlError("boxes/masks: connect BOXES or MASKs (with mask_phrases) to paint")
-        if not prompt.strip():
-            raise AttentionControlError("prompt: give the positive prompt that contains the phrases")
-        specs, prompt_len = resolve_words(clip, prompt, ",".join(p.replace(",", " ") for p, _ in regions))
-        strength = {w: _float(v, "strengths", w) for w, v in _parse_pairs(strengths, "strengths", "phrase: s")}
+        specs, prompt_len = [], 77
+        for group, name in ((box_regions, "boxes"), (mask_regions, "mask_phrases")):
+            if group:
+                got, prompt_len = resolve_words(clip, prompt, ",".join(p.replace(",", " ") for p, _ in group),
+                                                input_name=name)
+                specs += got
+        strength = dict(parse_strengths(strengths))
         unknown = [w for w in strength if w not in {p for p, _ in regions}]
         if unknown:
             raise AttentionControlError(f"strengths: '{unknown[0]}' is not one of the painted phrases")
@@ -95,17 +103,41 @@ class PaintWithWords(io.ComfyNode):
 
 RegionsType = io.Custom("REGIONS")
 
+STRENGTH_FORM = "'phrase: s' with a finite s >= 0 (e.g. 'sky: 0.3')"
+
+
+def parse_strengths(text: str) -> list[tuple[str, float]]:
+    """'phrase: s' items -> [(phrase, s)], each s finite and >= 0."""
+    out = []
+    for w, v in _parse_pairs(text or "", "strengths", STRENGTH_FORM):
+        f = _float(v, "strengths", w, STRENGTH_FORM)
+        if f < 0:
+            raise AttentionControlError(f"strengths: '{w}: {v}' is negative; use the form {STRENGTH_FORM}")
+        out.append((w, f))
+    return out
+
+
+def check_paint_widgets(values: dict) -> None:
+    """The checks that follow from Paint with Words' widget values alone (validate_inputs)."""
+    if values.get("prompt") is not None and not values["prompt"].strip():
+        raise AttentionControlError("prompt: give the positive prompt that contains the phrases")
+    if values.get("strengths") is not None:
+        parse_strengths(values["strengths"])
+    if values.get("layers") is not None:
+        LayerSelector.parse(values["layers"])
+
 
 def single_mask(mask, input_name: str, where: str):
-    """A MASK input as one (H, W) mask: a batch of one is taken, a larger batch is an error."""
+    """A MASK input as one (H, W) mask: a batch of one is taken, a larger batch is an error; NaN / inf
+    pixels are an error (they would become an empty or a full region)."""
     if mask is None:
         return None
-    m = mask.reshape(-1, *mask.shape[-2:]) if mask.ndim >= 2 else mask
-    if m.ndim != 3 or m.shape[0] != 1:
+    m = check_mask(input_name, mask, where)
+    if m.shape[0] != 1:
         raise AttentionControlError(
             f"{input_name}: {where} got a batch of {m.shape[0]} masks; a region takes one mask: chain one Region "
             "Prompt per mask (or pick one mask of the batch)")
-    return m[0].float()
+    return m[0]
 
 
 class RegionPrompt(io.ComfyNode):
@@ -137,7 +169,12 @@ class RegionPrompt(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, strength=None):
+        return validation_result(cls, locals())
+
+    @classmethod
     def execute(cls, prompt, strength, regions=None, mask=None, boxes=None):
+        check_widgets(cls, locals())
         where = f"region {len(regions or ()) + 1}"
         m = single_mask(mask, "mask", where)
         new = []
@@ -208,7 +245,12 @@ class RegionConditioning(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, bootstrap=None, bootstrap_colours=None):
+        return validation_result(cls, locals())
+
+    @classmethod
     def execute(cls, model, clip, regions, background_prompt, bootstrap, bootstrap_colours="random"):
+        check_widgets(cls, locals())
         def encode(text):
             return clip.encode_from_tokens_scheduled(clip.tokenize(text))
         return io.NodeOutput(*region_conditioning(model, encode, regions, background_prompt, bootstrap,

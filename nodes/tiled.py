@@ -6,7 +6,7 @@ from comfy_api.latest import io
 from ..attention.core import AttentionControlError
 from ..attention.tiled import MODES, TileConfig
 from ..attention.tiled_glue import SIZE_CONDS, attach_tiled
-from .common import CATEGORY
+from .common import CATEGORY, check_widgets, validation_result
 
 PX = 8          # pixels per latent pixel (SD1.x / SDXL VAEs)
 
@@ -17,6 +17,13 @@ def _latent_px(name: str, value: int) -> int:
         raise AttentionControlError(f"{name}: {value} px is not a multiple of {PX} (the latent is 1/{PX} of the image); "
                                     f"use {lo or PX} or {lo + PX}")
     return value // PX
+
+
+def _config(tile_width, tile_height, overlap, merge, tile_batch_size, wrap_horizontal) -> TileConfig:
+    """The checked tile configuration of the node's widget values (pixels -> latent pixels)."""
+    cfg = TileConfig(_latent_px("tile_height", tile_height), _latent_px("tile_width", tile_width),
+                     _latent_px("overlap", overlap), merge, int(tile_batch_size), bool(wrap_horizontal))
+    return cfg.validate(scale=PX)
 
 
 class TiledDiffusion(io.ComfyNode):
@@ -58,11 +65,18 @@ class TiledDiffusion(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, tile_width=None, tile_height=None, overlap=None, merge=None, tile_batch_size=None,
+                        wrap_horizontal=None):
+        def extra(v):
+            if None not in (tile_width, tile_height, overlap, merge, tile_batch_size):
+                _config(tile_width, tile_height, overlap, merge, tile_batch_size, bool(wrap_horizontal))
+        return validation_result(cls, locals(), extra)
+
+    @classmethod
     def execute(cls, model, tile_width, tile_height, overlap, merge, tile_batch_size, wrap_horizontal,
                 sdxl_size_cond="per tile"):
-        cfg = TileConfig(_latent_px("tile_height", tile_height), _latent_px("tile_width", tile_width),
-                         _latent_px("overlap", overlap), merge, int(tile_batch_size), bool(wrap_horizontal))
-        cfg.validate(scale=PX)
+        cfg = _config(tile_width, tile_height, overlap, merge, tile_batch_size, wrap_horizontal)
+        check_widgets(cls, locals())
         return io.NodeOutput(attach_tiled(model, cfg, sdxl_size_cond))
 
 

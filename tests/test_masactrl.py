@@ -44,10 +44,15 @@ def plain(sd15, clip_l):
     return pos, neg, lat, M.ksample(sd15, pos, neg, lat, steps=4)
 
 
-def test_start_beyond_last_step_is_bit_identical(sd15, clip_l, plain):
+def test_start_at_or_beyond_last_step_is_an_error_at_sampling_start(sd15, clip_l, plain):
+    """Issue 15: a start step the run never reaches used to be a silent no-op (bit-identical output)."""
     pos, neg, lat, ref = plain
     m, *_ = node(sd15, clip_l, start=4)          # 4 steps: S = 4 is after the last step
-    assert torch.equal(M.ksample(m, pos, neg, lat, steps=4), ref)
+    with pytest.raises(AttentionControlError, match="start_step: 4 starts at step 4, but this run has 4 sampling"):
+        M.ksample(m, pos, neg, lat, steps=4)
+    m, *_ = node(sd15, clip_l, start=3)          # the last step: acts, source item untouched
+    out = M.ksample(m, pos, neg, lat, steps=4)
+    assert torch.equal(out[:1], ref[:1]) and not torch.equal(out, ref)
 
 
 def test_exactly_the_selected_layers_and_steps_use_source_kv(sd15, clip_l, plain):
