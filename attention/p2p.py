@@ -15,6 +15,7 @@ Self-attention injection: target output = attn(Q_src, K_src, V_tgt) during the s
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -144,13 +145,42 @@ class TargetEdit:
     windows: list = field(default_factory=list)  # [(positions, start, end)] per-word cross windows
 
 
+REFERENCE_BLEND_SIDE = 16          # the reference blends 16x16 maps (SD1.x at 512 px) with a 3x3 max-pool
+
+
 @dataclass
 class LocalBlendSpec:
     src_positions: list[int]
     tgt_positions: list[list[int]]               # per target
     threshold: float = 0.3
     start: float = 0.0
-    selector: LayerSelector = field(default_factory=lambda: LayerSelector.parse("1/4"))
+    # layers whose maps are blended: None = auto, the cross-attention level whose maps are closest to
+    # the reference's 16x16 (ties: the finer); a selector picks them by hand (e.g. "1/4", the
+    # reference's level at SD1.x 512 px)
+    selector: LayerSelector | None = None
+    # max-pool kernel of the maps: None = auto, the reference's 3 cells at 16x16 scaled to the blend
+    # maps' side (1 at 8x8, 3 at 16x16, 5 at 32x32), so the dilation covers the same image fraction
+    pool: int | None = None
+
+
+def blend_sites(sites, latent_hw, selector: LayerSelector | None = None):
+    """Cross-attention sites whose maps local blend sums, at this latent size."""
+    if selector is not None:
+        return sites_or_coarsest(sites, selector, latent_hw)
+    cross = [s for s in sites if s.kind == "cross"]
+
+    def distance(ds):             # |log2(map side / 16)|, ties to the finer level
+        return abs(math.log2(max(min(latent_hw) / ds, 1e-6) / REFERENCE_BLEND_SIDE)), ds
+
+    best = min({s.ds for s in cross}, key=distance)
+    return [s for s in cross if s.ds == best]
+
+
+def blend_pool(side: int, pool: int | None = None) -> int:
+    """Odd max-pool kernel for blend maps of this side (3 at the reference's 16)."""
+    if pool is not None:
+        return int(pool)
+    return 2 * int(round(side / REFERENCE_BLEND_SIDE)) + 1
 
 
 class P2PController(Controller):
@@ -217,11 +247,11 @@ class P2PController(Controller):
         d["self_steps"] = self_window(S, self.self_fraction)
         d["cache"] = {}
         if self.blend is not None:
-            # no layer at 1/4 of the latent: the coarsest layers play the 16x16 role
-            sites = sites_or_coarsest(run.router.sites, self.blend.selector, run.latent_hw)
+            sites = blend_sites(run.router.sites, run.latent_hw, self.blend.selector)
             d["blend_keys"] = {s.key for s in sites}
             ds = min(s.ds for s in sites)
             d["blend_size"] = (run.latent_hw[0] // ds, run.latent_hw[1] // ds)
+            d["blend_pool"] = blend_pool(min(d["blend_size"]), self.blend.pool)
             d["blend_sum"] = None
             d["blend_start"] = int(self.blend.start * S)
 
@@ -321,7 +351,8 @@ class P2PController(Controller):
         s = d.get("blend_sum")
         if s is None:
             return None
-        m = F.max_pool2d(s[:, None], kernel_size=3, stride=1, padding=1)
+        k = d.get("blend_pool", 3)
+        m = s[:, None] if k <= 1 else F.max_pool2d(s[:, None], kernel_size=k, stride=1, padding=k // 2)
         m = F.interpolate(m, size=tuple(latent_hw), mode="nearest")
         m = m / m.flatten(1).max(dim=1).values.clamp_min(1e-12)[:, None, None, None]
         return (m > self.blend.threshold).float()

@@ -332,3 +332,18 @@ def test_stacks_with_capture_on_one_model(sd15, clip_l):
     only = M.ksample(m_only, pos, neg, lat, steps=3, seed=2)
     assert torch.equal(both, only), "capture must not change what the edit produces"
     assert handle.maps.shape[:2] == (2, 2)
+
+
+def test_local_blend_level_and_pool_follow_the_latent_size(sd15, sdxl):
+    """The reference blends 16x16 maps with a 3x3 max-pool (SD1.x, 64x64 latent). Auto picks the
+    level closest to 16x16 and scales the pool, so the mask covers the same image fraction."""
+    from attention_control.attention.router import discover_sites
+    sites = discover_sites(sd15)                   # tiny SD1.5: cross-attention at 1/1, 1/2, 1/4
+    at = lambda hw: {s.ds for s in p2p.blend_sites(sites, hw)}
+    assert at((64, 64)) == {4} and p2p.blend_pool(64 // 4) == 3     # SD1.5 512 px: the reference
+    assert at((32, 32)) == {2} and p2p.blend_pool(32 // 2) == 3     # small latent: 16x16 maps, not 8x8
+    assert at((128, 128)) == {4} and p2p.blend_pool(32) == 5        # 32x32 maps: a 5x5 pool
+    assert p2p.blend_pool(8) == 1 and p2p.blend_pool(8, pool=3) == 3
+    assert {s.ds for s in p2p.blend_sites(sites, (32, 32), p2p.LayerSelector.parse("1/4"))} == {4}
+    xl = discover_sites(sdxl)                      # SDXL at 1024 px: 64x64 and 32x32 maps -> 32x32
+    assert {s.ds for s in p2p.blend_sites(xl, (128, 128))} == {4}

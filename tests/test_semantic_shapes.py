@@ -187,6 +187,57 @@ def test_p2p_swap_changes_the_colour_and_keeps_the_layout():
     assert r["iou"] >= r["iou_alone"] + 0.3, r
 
 
+BLEND_CASES = [("a yellow triangle and a green circle", "a blue triangle and a green circle", "triangle", "yellow", "blue"),
+               ("a blue square and a red triangle", "a yellow square and a red triangle", "square", "blue", "yellow"),
+               ("a green square and a yellow circle", "a red square and a yellow circle", "square", "green", "red")]
+
+
+@functools.lru_cache(maxsize=1)
+def local_blend_measure():
+    """Colour swaps with local blend on the edited word (issue 16 item 1), vs the same P2P edit without
+    blending, same seeds, at the shapes world's 32x32 latent: the blend mask's area against the edited
+    object's area, how much the target differs from the source outside the object (with and without
+    blending), and whether the object took the new colour."""
+    from attention_control.attention.router import get_router
+    model, clip, _ = S.load()
+    rows = []
+    for src, tgt, word, col, new in BLEND_CASES:
+        for seed in (51, 52):
+            outs = {}
+            for blend in (word, ""):
+                out = _res(PromptToPrompt.execute(model, clip, M.latent(1, 32, 32), src, tgt, "replace", "", 0.8, "",
+                                                  0.4, blend, "", 0.3, 0.0, ""))
+                m, pos, neg, lat = out
+                img = S.to_rgb(S.sample(m, pos, neg, lat, seed=seed))
+                outs[blend] = (img, get_router(m).controllers[-1].last_blend_mask)
+            img, mask = outs[word]
+            objs = [o for o in E.segment_objects(img[0]) if o["colour"] == col]
+            if not objs:
+                continue
+            obj = torch.as_tensor(objs[0]["mask"])
+            near = torch.nn.functional.max_pool2d(obj[None, None].float(), 3, 1, 1)[0, 0] > 0   # object + 1 px
+            union = torch.maximum(mask[0], mask[1])[0] > 0.5
+            outside = lambda im: float((im[0] - im[1]).abs().amax(0)[~near].mean())
+            rows.append({"area_ratio": float(union.sum() / obj.sum()), "cover": float(union.float().mean()),
+                         "outside_diff": outside(img), "outside_diff_no_blend": outside(outs[""][0]),
+                         "object_changed": float((img[0] - img[1]).abs().amax(0)[obj].mean()),
+                         "new_colour": E.colour_present(img[1], new)})
+    med = lambda k: float(np.median([r[k] for r in rows]))
+    return {"n": len(rows), **{k: med(k) for k in ("area_ratio", "cover", "outside_diff", "outside_diff_no_blend",
+                                                      "object_changed")},
+            "max_area_ratio": max(r["area_ratio"] for r in rows), "min_area_ratio": min(r["area_ratio"] for r in rows),
+            "new_colour": float(np.mean([r["new_colour"] for r in rows]))}
+
+
+def test_local_blend_follows_the_edited_object():
+    r = local_blend_measure()
+    print(f"SEMANTIC local_blend {r}")
+    assert r["n"] >= 5, r
+    assert 0.5 <= r["area_ratio"] <= 2.0 and r["max_area_ratio"] <= 3.0, r     # the mask is the object, not the canvas
+    assert r["outside_diff"] <= 0.02 and r["outside_diff"] < 0.5 * r["outside_diff_no_blend"], r
+    assert r["object_changed"] >= 0.3 and r["new_colour"] >= 0.8, r
+
+
 def test_issue_target_capture_pointing():
     r = capture_measure()
     assert r["colour"] >= 0.90 and r["shape"] >= 0.60, r
