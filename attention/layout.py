@@ -6,8 +6,9 @@ cross-attention probabilities A of the selected layers is
 
     E = 1 / (K L) * sum_layers sum_k mean_{i in P_k} mean_heads (1 - sum_u m_k(u) A[u, i] / sum_u A[u, i])^2
 
-with m_k the box's coverage of each map cell (exact area fraction, so that small boxes still
-count at 8x8). For the first fraction of the steps the latent is moved, up to `iterations` times
+with m_k the box's cell mask on the map: by default the reference's binary mask
+`[int(y0 H):int(y1 H), int(x0 W):int(x1 W)]`; optionally each cell's exact covered fraction (so that
+boxes off the grid and small boxes at 8x8 count by their area). For the first fraction of the steps the latent is moved, up to `iterations` times
 while E > threshold, by  x <- x - sigma^2 * grad_x(strength * E)  (positive-only forward that stops
 after the last guided layer), then the ordinary CFG prediction is taken at the moved latent.
 
@@ -143,6 +144,18 @@ def box_coverage(box: Box, h: int, w: int, device=None) -> torch.Tensor:
     return axis(box.y0, box.y1, h)[:, None] * axis(box.x0, box.x1, w)[None, :]
 
 
+BOX_CELLS = ("reference", "fraction")
+
+
+def box_cells(box: Box, h: int, w: int, device=None) -> torch.Tensor:
+    """(h, w) binary cell mask of the reference code: rows int(y0 h) .. int(y1 h) - 1, columns
+    int(x0 w) .. int(x1 w) - 1. Truncation: a low edge inside a cell takes that cell, a high edge
+    inside a cell leaves it out."""
+    m = torch.zeros(h, w, device=device)
+    m[int(box.y0 * h):int(box.y1 * h), int(box.x0 * w):int(box.x1 * w)] = 1.0
+    return m
+
+
 def box_window(box: Box, h: int, w: int, device=None) -> torch.Tensor:
     """(h, w) smooth window over the box (logistic edges, softness 1/8 of the box side, at least
     half a cell), normalised to sum 1: where forward guidance moves a phrase's attention."""
@@ -233,7 +246,8 @@ class LayoutController(Controller):
 
     def __init__(self, objects: list[LayoutObject], prompt_len: int, selector: LayerSelector,
                  mode: str = "backward", strength: float = 30.0, iterations: int = 5, threshold: float = 0.2,
-                 guided_fraction: float = 0.2, forward_strength: float = 0.5, weights: str = "reference"):
+                 guided_fraction: float = 0.2, forward_strength: float = 0.5, weights: str = "reference",
+                 cells: str = "reference"):
         if not objects:
             raise AttentionControlError("boxes: give at least one box")
         if mode not in ("backward", "forward", "both"):
@@ -259,6 +273,9 @@ class LayoutController(Controller):
         if weights not in ("reference", "copy"):
             raise AttentionControlError(f"weights: '{weights}' is not reference or copy")
         self.weights = weights
+        if cells not in BOX_CELLS:
+            raise AttentionControlError(f"box_cells: '{cells}' is not one of {', '.join(BOX_CELLS)}")
+        self.cells = cells
         self.backward_on = mode in ("backward", "both") and self.strength > 0 and self.iterations > 0
         self.forward_on = mode in ("forward", "both") and self.forward_strength > 0
 
@@ -291,7 +308,7 @@ class LayoutController(Controller):
         got = d["cache"].get(key)
         if got is None:
             got = [(token_columns(o.positions, self.prompt_len, key_len),
-                    box_coverage(o.box, h, w, device).flatten(),
+                    (box_cells if self.cells == "reference" else box_coverage)(o.box, h, w, device).flatten(),
                     box_window(o.box, h, w, device).flatten()) for o in self.objects]
             d["cache"][key] = got
         return got

@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector
-from ..attention.layout import DEFAULT_LAYERS, LayoutController, LayoutObject, boxes_to_masks, parse_boxes
+from ..attention.layout import BOX_CELLS, DEFAULT_LAYERS, LayoutController, LayoutObject, boxes_to_masks, parse_boxes
 from ..attention.router import attach
 from ..attention.tokens import flatten_chunks
 from .common import CATEGORY, check_widgets, chunks_of, resolve_words, sd_tokenizer, validation_result
@@ -138,18 +138,22 @@ class LayoutGuidance(io.ComfyNode):
                 io.Combo.Input("special_tokens", options=SPECIAL_TOKENS, default="none",
                                tooltip="Also guide the end token (or start and end tokens), which carry layout "
                                        "information; best with a single box."),
+                io.Combo.Input("box_cells", options=list(BOX_CELLS), default="reference", optional=True,
+                               tooltip="Which map cells count as inside a box. reference: the authors' binary mask "
+                                       "(cells from int(x0*W) to int(x1*W)); fraction: each cell by the share of it "
+                                       "the box covers (boxes off the map grid, tiny boxes on 8x8 maps)."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive")],
         )
 
     @classmethod
     def validate_inputs(cls, prompt=None, mode=None, strength=None, iterations=None, energy_threshold=None,
-                        guided_steps=None, forward_strength=None, layers=None, special_tokens=None):
+                        guided_steps=None, forward_strength=None, layers=None, special_tokens=None, box_cells=None):
         return validation_result(cls, locals(), check_layout_widgets)
 
     @classmethod
     def execute(cls, model, clip, prompt, boxes, mode, strength, iterations, energy_threshold, guided_steps,
-                forward_strength, layers, special_tokens):
+                forward_strength, layers, special_tokens, box_cells="reference"):
         check_widgets(cls, locals())
         check_layout_widgets(locals())
         if not boxes:
@@ -162,7 +166,7 @@ class LayoutGuidance(io.ComfyNode):
                    for b, s in zip(boxes, specs)]
         selector = LayerSelector.parse(DEFAULT_LAYERS if layers.strip().lower() in ("", "auto") else layers)
         ctrl = LayoutController(objects, prompt_len, selector, mode, strength, iterations, energy_threshold,
-                                guided_steps, forward_strength)
+                                guided_steps, forward_strength, cells=box_cells)
         tokens = clip.tokenize(prompt)
         positive = clip.encode_from_tokens_scheduled(tokens)
         return io.NodeOutput(attach(model, ctrl), positive)

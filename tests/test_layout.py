@@ -70,6 +70,25 @@ def test_box_coverage_is_exact_area():
     assert win[4, 2] > 10 * win[4, 7]
 
 
+def test_box_cells_follow_the_reference_rule():
+    """silent-chen/layout-guidance: mask[int(y0 H):int(y1 H), int(x0 W):int(x1 W)] = 1. Hand case on an
+    8x8 map: x 0.1..0.5 -> columns int(0.8)=0 .. int(4.0)=4 (0-3), y 0.3..0.7 -> rows int(2.4)=2 ..
+    int(5.6)=5 (2-4): the low edge's partial cell is in, the high edge's partial cell is out."""
+    b = L.Box("x", 0.1, 0.3, 0.5, 0.7)
+    m = L.box_cells(b, 8, 8)
+    want = torch.zeros(8, 8)
+    want[2:5, 0:4] = 1
+    assert torch.equal(m, want)
+    # the energy then differs from the fractional rule by a few per cent on such a box
+    torch.manual_seed(3)
+    probs = torch.rand(1, 2, 64, 5).softmax(-1)
+    e_ref = L.layer_energy(probs, [([1, 2], m.flatten())])
+    e_frac = L.layer_energy(probs, [([1, 2], L.box_coverage(b, 8, 8).flatten())])
+    assert not torch.allclose(e_ref, e_frac)
+    with pytest.raises(AttentionControlError, match="box_cells: 'exact'"):
+        L.LayoutController([L.LayoutObject(b, [1])], 77, LayerSelector.parse(L.DEFAULT_LAYERS), cells="exact")
+
+
 def test_boxes_to_mask():
     bx = boxes("a: 0,0,0.5,0.5\nb: 0.5,0.5,1,1")
     masks = _res(BoxesToMask.execute(bx, 8, 4, -1, False))[0]
