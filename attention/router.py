@@ -287,6 +287,37 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     return run_from(len(ctrls) - 1)(x)
 
 
+_BLOCK_PATCHES = ("input_block_patch", "input_block_patch_after_skip", "output_block_patch")
+
+
+class _OutOfPlace:
+    """Runs a block patch so that its in-place writes keep the guidance gradient exact while autograd
+    records. Core FreeU_V2 computes `h[:, :C/2] = h[:, :C/2] * f(h)`: the product saves the slice it
+    then overwrites ("modified by an inplace operation" at backward). The patch gets copies of its
+    tensor arguments (the caller's saved tensors stay intact), and every tensor autograd saves inside
+    the patch is saved as a copy taken at that moment (saved-tensor hooks), which is the value the
+    gradient needs. Only in guidance passes; the copies live until the backward of that pass."""
+    __slots__ = ("patch",)
+
+    def __init__(self, patch):
+        self.patch = patch
+
+    def __call__(self, *args):
+        if not torch.is_grad_enabled():
+            return self.patch(*args)
+        args = tuple(a.clone() if torch.is_tensor(a) else a for a in args)
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+            return self.patch(*args)
+
+
+def _grad_safe_block_patches(patches: dict) -> dict:
+    out = dict(patches)
+    for name in _BLOCK_PATCHES:
+        if out.get(name):
+            out[name] = [p if isinstance(p, _OutOfPlace) else _OutOfPlace(p) for p in out[name]]
+    return out
+
+
 class GuidancePasses:
     """What a guiding controller may run inside one step: positive-only forwards of the model, CFG
     predictions with other positive conditioning, and the host's conditioning weights."""
@@ -304,6 +335,9 @@ class GuidancePasses:
         mo = dict(self.model_options)
         to = dict(mo.get("transformer_options", {}))
         to[GUIDE_KEY] = state
+        patches = to.get("patches")
+        if patches:
+            to["patches"] = _grad_safe_block_patches(patches)
         mo["transformer_options"] = to
         positive = self.guider.conds.get("positive", None)
         try:

@@ -349,3 +349,31 @@ def test_sd2_shaped_model():
     c = Counter()
     assert torch.equal(M.ksample(attach(mp, c), pos, neg, M.latent(1, 16, 16), steps=2), base)
     assert c.calls
+
+
+def test_block_patches_with_in_place_writes_keep_guidance_gradients_exact():
+    """Core FreeU_V2 writes `h[:, :C/2] = h[:, :C/2] * f(h)` in place; inside a guidance pass the
+    router runs such patches so that the gradient equals that of the out-of-place formula."""
+    from attention_control.attention.router import _OutOfPlace
+
+    def in_place(h, hsp, to):
+        s = h.mean(1, keepdim=True)
+        h[:, :2] = h[:, :2] * (1.5 * s + 1)
+        return h, hsp
+
+    def out_of_place(h, hsp, to):
+        s = h.mean(1, keepdim=True)
+        return torch.cat([h[:, :2] * (1.5 * s + 1), h[:, 2:]], 1), hsp
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 4, 3, 3, dtype=torch.float64, requires_grad=True)
+    grads = []
+    for patch in (_OutOfPlace(in_place), out_of_place):
+        h = x * 2.0
+        out, _ = patch(h, None, {})
+        grads.append(torch.autograd.grad((out ** 2).sum(), x)[0])
+    torch.testing.assert_close(grads[0], grads[1])
+    with pytest.raises(RuntimeError, match="inplace"):
+        h = x * 2.0
+        out, _ = in_place(h, None, {})
+        torch.autograd.grad((out ** 2).sum(), x)
