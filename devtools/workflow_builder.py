@@ -114,7 +114,7 @@ def inversion_edit(name, image, source, target):
     return g
 
 
-def tiled_diffusion(name, prompt="a red circle and a blue square", merge="multidiffusion", wrap=False):
+def tiled_diffusion(name, prompt="a red circle and a blue square", merge="mixture", wrap=False):
     g = Graph()
     ck = loader(g)
     tile = g.add("AttnCtl_TiledDiffusion", [256, 256, 128, merge, 1, wrap, "per tile"],

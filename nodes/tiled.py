@@ -46,9 +46,11 @@ class TiledDiffusion(io.ComfyNode):
                 io.Int.Input("overlap", default=128, min=0, max=16384, step=8,
                              tooltip="Overlap of neighbouring tiles in pixels; must be smaller than the tile. More "
                                      "overlap blends better and costs more tiles (DiffCollage: half a tile)."),
-                io.Combo.Input("merge", options=list(MODES), default="multidiffusion",
-                               tooltip="multidiffusion: per-pixel average of the tiles' denoised predictions; "
-                                       "mixture: Gaussian tile weights (sigma 0.1 x tile), normalised per pixel; "
+                io.Combo.Input("merge", options=list(MODES), default="mixture",
+                               tooltip="mixture (default, seamless): Gaussian tile weights (sigma 0.1 x tile), "
+                                       "normalised per pixel, so tile borders leave no trace; multidiffusion: the "
+                                       "paper's per-pixel average of the tiles' denoised predictions (exact; can leave "
+                                       "bands where neighbouring tiles disagree); "
                                        "diffcollage: sum of the tiles minus the overlaps evaluated by the model."),
                 io.Int.Input("tile_batch_size", default=1, min=1, max=64,
                              tooltip="Tiles per model call: larger is faster and uses more memory (1 uses the "
