@@ -77,7 +77,7 @@ def masactrl(name, source, target):
     g = Graph()
     ck = loader(g)
     lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
-    edit = g.add("AttnCtl_MasaCtrl", [source, target, "", 4.0, -1, "mutual", "", "", 0.1],
+    edit = g.add("AttnCtl_MasaCtrl", [source, target, "", 0.08, -1, "mutual", "", "", 0.1],
                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (lat, 0, "LATENT")},
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                           ("latent", "LATENT")])

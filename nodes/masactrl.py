@@ -47,9 +47,10 @@ class MasaCtrl(io.ComfyNode):
                 io.String.Input("target_prompts", multiline=True, default="",
                                 tooltip="One target prompt per line (e.g. a new pose or position of the subject)."),
                 io.String.Input("negative_prompt", multiline=True, default="", tooltip="Shared negative prompt."),
-                io.Float.Input("start_step", default=4.0, min=0.0, max=10000.0, step=1.0,
+                io.Float.Input("start_step", default=4.0, min=0.0, max=10000.0, step=0.01, round=0.001,
                                tooltip="Step S from which the control acts: a count (>= 1, paper: 4 of 50) or a "
-                                       "fraction of the steps (< 1)."),
+                                       "fraction of the steps (< 1, e.g. 0.08 = 4 of 50, which follows the "
+                                       "sampler's step count). A count at or past the run's steps is an error."),
                 io.Int.Input("start_layer", default=-1, min=-1, max=200,
                              tooltip="First transformer block L (blocks counted over the whole UNet in forward "
                                      "order). -1 = auto: SD1.x 10 (paper), SDXL 54."),
