@@ -347,3 +347,25 @@ def test_local_blend_level_and_pool_follow_the_latent_size(sd15, sdxl):
     assert {s.ds for s in p2p.blend_sites(sites, (32, 32), p2p.LayerSelector.parse("1/4"))} == {4}
     xl = discover_sites(sdxl)                      # SDXL at 1024 px: 64x64 and 32x32 maps -> 32x32
     assert {s.ds for s in p2p.blend_sites(xl, (128, 128))} == {4}
+
+
+def test_self_injection_layers_at_sd15_512px_are_the_references():
+    """The reference gates self-attention injection by query count (<= 16 x 16 maps). At SD1.5 512 px
+    (64x64 latent; attention at 1/1, 1/2, 1/4 and the 1/8 middle block) the default gate, by fraction
+    of the latent (1/4 and coarser), picks exactly those layers; it keeps picking the same relative
+    layers at other sizes (SDXL 1024 px: its 32x32 layers, where a literal 256-query gate picks none)."""
+    from attention_control.attention.core import Site
+    sd15 = [Site("self", (blk, i), 0, o, part, ds, 8, 40) for o, (blk, i, part, ds) in enumerate(
+        [("input", 1, "down", 1), ("input", 2, "down", 1), ("input", 4, "down", 2), ("input", 5, "down", 2),
+         ("input", 7, "down", 4), ("input", 8, "down", 4), ("middle", 0, "mid", 8),
+         ("output", 3, "up", 4), ("output", 4, "up", 4), ("output", 5, "up", 4), ("output", 6, "up", 2),
+         ("output", 7, "up", 2), ("output", 8, "up", 2), ("output", 9, "up", 1), ("output", 10, "up", 1),
+         ("output", 11, "up", 1)])]
+    ctrl = p2p.P2PController([p2p.TargetEdit(torch.eye(77), torch.ones(77), torch.ones(77))])
+    ours = {s.block for s in sd15 if ctrl.wants_at(s, (64, 64))}
+    reference = {s.block for s in sd15 if (64 // s.ds) ** 2 <= 16 ** 2}
+    assert ours == reference == {("input", 7), ("input", 8), ("middle", 0), ("output", 3), ("output", 4),
+                                 ("output", 5)}
+    sdxl = [Site("self", ("input", 4), 0, 0, "down", 2, 10, 64), Site("self", ("input", 7), 0, 1, "down", 4, 20, 64)]
+    assert {s.ds for s in sdxl if ctrl.wants_at(s, (128, 128))} == {4}
+    assert not [s for s in sdxl if (128 // s.ds) ** 2 <= 16 ** 2]
