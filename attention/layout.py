@@ -40,7 +40,8 @@ from .grad import WeightReferences, autograd_weights
 from .maps import split_heads, token_columns
 from .validate import check_finite, check_range
 
-DEFAULT_LAYERS = "mid, up@1/4"
+DEFAULT_LAYERS = "mid, up@1/4"          # backward guidance: the paper's layers
+FORWARD_DEFAULT_LAYERS = "all"           # forward guidance: measured (issue 16 item 2) to need every cross layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -247,7 +248,7 @@ class LayoutController(Controller):
     def __init__(self, objects: list[LayoutObject], prompt_len: int, selector: LayerSelector,
                  mode: str = "backward", strength: float = 30.0, iterations: int = 5, threshold: float = 0.2,
                  guided_fraction: float = 0.2, forward_strength: float = 0.5, weights: str = "reference",
-                 cells: str = "reference"):
+                 cells: str = "reference", forward_selector: LayerSelector | None = None):
         if not objects:
             raise AttentionControlError("boxes: give at least one box")
         if mode not in ("backward", "forward", "both"):
@@ -264,6 +265,7 @@ class LayoutController(Controller):
         self.objects = objects
         self.prompt_len = prompt_len
         self.selector = selector
+        self.forward_selector = forward_selector or selector
         self.mode = mode
         self.strength = float(strength)
         self.iterations = int(iterations)
@@ -279,12 +281,29 @@ class LayoutController(Controller):
         self.backward_on = mode in ("backward", "both") and self.strength > 0 and self.iterations > 0
         self.forward_on = mode in ("forward", "both") and self.forward_strength > 0
 
+    # -- layer choice: backward guidance on `selector`, forward guidance on `forward_selector`
+    def _selectors(self):
+        return ([self.selector] if self.backward_on or not self.forward_on else []) + \
+            ([self.forward_selector] if self.forward_on else [])
+
+    def validate_sites(self, sites) -> None:
+        for sel in self._selectors():
+            select_sites(sites, sel, "cross", input_name="layers")
+
+    def wants(self, site) -> bool:
+        return site.kind == "cross" and any(sel.static_match(site) for sel in self._selectors())
+
+    def wants_at(self, site, latent_hw) -> bool:
+        return site.kind == "cross" and any(sel.match(site, latent_hw) for sel in self._selectors())
+
     # -- run set-up
     def begin_run(self, run: Run) -> None:
         sites = select_sites(run.router.sites, self.selector, "cross", run.latent_hw, input_name="layers")
+        fsites = select_sites(run.router.sites, self.forward_selector, "cross", run.latent_hw, input_name="layers")
         require_prompt_length(run, self.prompt_len, "layout")
         d = run.data(self)
         d["keys"] = {s.key for s in sites}
+        d["fkeys"] = {s.key for s in fsites}
         d["last"] = max(sites, key=lambda s: s.order)
         d["n_guided"] = int(round(self.guided_fraction * run.n_steps))
         d["cache"] = {}
@@ -319,12 +338,14 @@ class LayoutController(Controller):
     # -- attention calls
     def attend(self, q, k, v, call, nxt):
         d = call.run.data(self)
-        if call.site.key not in d["keys"] or not self._guided(d, call.step):
+        if not self._guided(d, call.step):
             return nxt(q, k, v)
         state = call.guidance
         if state is not None:
+            if call.site.key not in d["keys"]:
+                return nxt(q, k, v)
             return self._energy_call(q, k, v, call, d, state)
-        if not self.forward_on:
+        if not self.forward_on or call.site.key not in d["fkeys"]:
             return nxt(q, k, v)
         if not call.cond_chunks():
             return nxt(q, k, v)

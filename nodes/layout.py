@@ -4,7 +4,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector
-from ..attention.layout import BOX_CELLS, DEFAULT_LAYERS, LayoutController, LayoutObject, boxes_to_masks, parse_boxes
+from ..attention.layout import BOX_CELLS, DEFAULT_LAYERS, FORWARD_DEFAULT_LAYERS, LayoutController, LayoutObject, boxes_to_masks, parse_boxes
 from ..attention.router import attach
 from ..attention.tokens import flatten_chunks
 from .common import CATEGORY, check_widgets, chunks_of, resolve_words, sd_tokenizer, validation_result
@@ -129,12 +129,16 @@ class LayoutGuidance(io.ComfyNode):
                                tooltip="Stop updating a step once the box energy is below this (paper: 0.2)."),
                 io.Float.Input("guided_steps", default=0.2, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps that are guided, from the start (paper: 10 of 50)."),
-                io.Float.Input("forward_strength", default=0.5, min=0.0, max=1.0, step=0.05,
-                               tooltip="Forward mode: how much of each phrase's attention moves to its box window."),
+                io.Float.Input("forward_strength", default=1.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="Forward mode: how much of each phrase's attention moves to its box window "
+                                       "(1.0 on every layer: object in its box 94 % vs 31 % unguided on the shapes "
+                                       "world; 0.5 on the paper's layers barely moves it)."),
                 io.String.Input("layers", default="auto",
-                                tooltip="Cross-attention layers of the energy. auto = 'mid, up@1/4': the middle block "
-                                        "and the first up level with attention (SD1.x: 8x8 + three 16x16 maps at "
-                                        "512 px; SDXL: the 32x32 middle and first up level at 1024 px)."),
+                                tooltip="Cross-attention layers. auto: backward guidance's energy on 'mid, up@1/4' "
+                                        "(the paper: the middle block and the first up level with attention; SD1.x: "
+                                        "8x8 + three 16x16 maps at 512 px; SDXL: the 32x32 middle and first up level "
+                                        "at 1024 px) and forward guidance on every cross-attention layer ('all'). "
+                                        "Any other text applies to both."),
                 io.Combo.Input("special_tokens", options=SPECIAL_TOKENS, default="none",
                                tooltip="Also guide the end token (or start and end tokens), which carry layout "
                                        "information; best with a single box."),
@@ -164,9 +168,11 @@ class LayoutGuidance(io.ComfyNode):
         extra = _special_positions(clip, prompt, special_tokens)
         objects = [LayoutObject(b, list(s.positions) + [p for p in extra if p not in s.positions])
                    for b, s in zip(boxes, specs)]
-        selector = LayerSelector.parse(DEFAULT_LAYERS if layers.strip().lower() in ("", "auto") else layers)
+        auto = layers.strip().lower() in ("", "auto")
+        selector = LayerSelector.parse(DEFAULT_LAYERS if auto else layers)
+        fselector = LayerSelector.parse(FORWARD_DEFAULT_LAYERS) if auto else selector
         ctrl = LayoutController(objects, prompt_len, selector, mode, strength, iterations, energy_threshold,
-                                guided_steps, forward_strength, cells=box_cells)
+                                guided_steps, forward_strength, cells=box_cells, forward_selector=fselector)
         tokens = clip.tokenize(prompt)
         positive = clip.encode_from_tokens_scheduled(tokens)
         return io.NodeOutput(attach(model, ctrl), positive)
