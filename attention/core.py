@@ -300,12 +300,6 @@ def row_layout(n_chunks: int, n_rows: int, latent_batch: int) -> tuple[int, int]
     return n_rows // n_chunks, 1
 
 
-def chunk_layout(cond_or_uncond, n_rows: int) -> tuple[list[int], int]:
-    """(cond_or_uncond list, latent batch) of a model call whose input has n_rows rows."""
-    cou = list(cond_or_uncond or [0])
-    return cou, n_rows // max(len(cou), 1)
-
-
 # --------------------------------------------------------------------------------------------
 # controllers
 
@@ -389,9 +383,6 @@ class Router:
 
     def stack(self, site: Site) -> tuple:
         return self._stacks.get((site.kind, site.key), ())
-
-    def wanted_sites(self) -> list[Site]:
-        return [s for s in self.sites if self._stacks[(s.kind, s.key)]]
 
     def begin_run(self, run: Run) -> None:
         for c in self.controllers:

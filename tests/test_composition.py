@@ -429,6 +429,21 @@ def _mark(v):
     return {True: "yes", False: "**NO**", None: "-"}.get(v, str(v))
 
 
+def _cells(results: dict, key: tuple, fields) -> list[str]:
+    """One table cell per order: the marks of `fields` of results[key + (order,)]."""
+    cells = []
+    for o in ORDERS:
+        r = results.get(key + (o,))
+        if r is None:
+            cells.append("not run")
+            continue
+        s = " / ".join(_mark(r.get(k)) for k in fields)
+        if r.get("error"):
+            s += f" (error: {r['error']})"
+        cells.append(s)
+    return cells
+
+
 def write_matrix():
     lines = ["# Composition matrix (issue 15 item 4)", "",
              f"tests/test_composition.py on the tiny random SD1.5 UNet, {STEPS} steps, "
@@ -442,32 +457,14 @@ def write_matrix():
              "", "| foreign | pack | foreign first | pack first |", "|---|---|---|---|"]
     for f in FOREIGN:
         for p in PACKS:
-            cells = []
-            for o in ORDERS:
-                r = RESULTS.get((f, p, o))
-                if r is None:
-                    cells.append("not run")
-                    continue
-                s = " / ".join(_mark(r.get(k)) for k in ("fires", "effect", "pack", "identical"))
-                if r.get("error"):
-                    s += f" (error: {r['error']})"
-                cells.append(s)
+            cells = _cells(RESULTS, (f, p), ("fires", "effect", "pack", "identical"))
             lines.append(f"| {f} | {p} | {cells[0]} | {cells[1]} |")
     if COVERAGE:
         lines += ["", "## Router reaches every site under each foreign patch (passthrough controller)", "",
                   "Each cell: every site every step / foreign fires / output == foreign-only bit for bit.", "",
                   "| foreign | foreign first | pack first |", "|---|---|---|"]
         for f in FOREIGN:
-            cells = []
-            for o in ORDERS:
-                r = COVERAGE.get((f, o))
-                if r is None:
-                    cells.append("not run")
-                    continue
-                s = " / ".join(_mark(r.get(k)) for k in ("sites", "fires", "identical"))
-                if r.get("error"):
-                    s += f" (error: {r['error']})"
-                cells.append(s)
+            cells = _cells(COVERAGE, (f,), ("sites", "fires", "identical"))
             lines.append(f"| {f} | {cells[0]} | {cells[1]} |")
     if STACKS:
         lines += ["", "## Stacks: capture + P2P + paint-with-words + tiled on one MODEL", "",
