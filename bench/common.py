@@ -20,6 +20,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAIRS = 8
+THREADS = int(os.environ.get("BENCH_THREADS", "0"))
 
 
 def setup(backend: str):
@@ -29,27 +31,43 @@ def setup(backend: str):
             sys.path.append(p)
     from devtools.host import import_pack, setup_comfy
     setup_comfy(pytorch_attention=(backend == "sdpa"))
+    if THREADS:
+        import torch
+        torch.set_num_threads(THREADS)
     import_pack()
     import comfy.ldm.modules.attention as A
     return A.optimized_attention.__name__
 
 
-def interleaved_ratio(run_a, run_b, pairs: int = 3, warmup: bool = True) -> dict:
-    """Median of per-pair CPU-time ratios B/A (A = baseline), with the pair times."""
+def interleaved_ratio(run_a, run_b, pairs: int = PAIRS, warmup: bool = True) -> dict:
+    """Median of per-pair CPU-time ratios B/A (A = baseline), in ABBA order: pair i runs A then B
+    when i is even and B then A when i is odd, so a drift (a neighbour's load, allocator or cache
+    state) weighs on A and B alike. Returns the median, the number of pairs, the min and max of the
+    per-pair ratios and the pair times (a_s[i], b_s[i] belong to pair i)."""
     if warmup:
         run_a()
         run_b()
     ratios, ta, tb = [], [], []
-    for _ in range(pairs):
-        t0 = time.process_time()
-        run_a()
-        t1 = time.process_time()
-        run_b()
-        t2 = time.process_time()
-        ta.append(t1 - t0)
-        tb.append(t2 - t1)
-        ratios.append((t2 - t1) / (t1 - t0))
-    return {"ratio": statistics.median(ratios), "a_s": ta, "b_s": tb}
+    for i in range(pairs):
+        t = {}
+        for name, fn in (("a", run_a), ("b", run_b)) if i % 2 == 0 else (("b", run_b), ("a", run_a)):
+            t0 = time.process_time()
+            fn()
+            t[name] = time.process_time() - t0
+        ta.append(t["a"])
+        tb.append(t["b"])
+        ratios.append(t["b"] / t["a"])
+    return {"ratio": statistics.median(ratios), "pairs": pairs, "min": min(ratios), "max": max(ratios),
+            "a_s": ta, "b_s": tb}
+
+
+def time_figure(res: dict, target, settings: str, unit: str = "x", shift: float = 0.0) -> dict:
+    """A results.json entry for a time ratio measured by interleaved_ratio: the median (plus `shift`,
+    e.g. -1 for an overhead fraction) with the number of pairs and the min-max of the per-pair
+    ratios (shifted alike) beside it."""
+    return {"value": round(res["ratio"] + shift, 4), "target": target, "unit": unit,
+            "settings": settings + f", median of {res['pairs']} ABBA-interleaved pairs",
+            "pairs": res["pairs"], "min": round(res["min"] + shift, 4), "max": round(res["max"] + shift, 4)}
 
 
 def _status_kb(field: str) -> int:
@@ -87,9 +105,12 @@ MEM_ENV = {"MALLOC_ARENA_MAX": "1", "MALLOC_MMAP_THRESHOLD_": "131072"}
 
 def add_worst(out: dict, names) -> dict:
     """For each figure name, add the worst (largest) of its per-backend entries `name[backend]`
-    as `name`, with the per-backend target (the bar applies to each backend)."""
+    as `name`, with the per-backend target (the bar applies to each backend) and the worst entry's
+    pairs and min-max spread when it has them."""
     for name in names:
         per = [out[f"{name}[{b}]"] for b in BACKENDS if f"{name}[{b}]" in out]
-        out[name] = {"value": max(r["value"] for r in per), "target": per[0]["target"], "unit": per[0]["unit"],
+        w = max(per, key=lambda r: r["value"])
+        out[name] = {"value": w["value"], "target": per[0]["target"], "unit": per[0]["unit"],
                      "settings": "worst of the two CPU attention backends"}
+        out[name].update({k: w[k] for k in ("pairs", "min", "max") if k in w})
     return out
