@@ -58,14 +58,11 @@ def collect(quick: bool = False) -> dict:
     """All figures of this module, each case in fresh processes, both attention backends."""
     steps = 20
     out = {}
-    worst = 0.0
     for backend in ("subquad", "sdpa"):
-        r = common.run_child("bench.capture", "time", backend, str(steps), "2" if quick else "3")
-        out[f"capture_overhead_ratio[{backend}]"] = {
-            "value": round(r["ratio"], 4), "target": 1.10, "unit": "x",
-            "settings": f"tiny SD1.5-shaped UNet (attention at 32x32 and 16x16), 64x64 latent, {steps} euler steps, 2 words all layers, "
-                        f"attention={r['attention']}, CPU time, median of interleaved pairs"}
-        worst = max(worst, r["ratio"])
+        r = common.run_child("bench.capture", "time", backend, str(steps), "2" if quick else str(common.PAIRS))
+        out[f"capture_overhead_ratio[{backend}]"] = common.time_figure(
+            r, 1.10, f"tiny SD1.5-shaped UNet (attention at 32x32 and 16x16), 64x64 latent, {steps} euler steps, "
+                     f"2 words all layers, attention={r['attention']}, CPU time")
         env = common.MEM_ENV
         reps = 1 if quick else 2
         m20 = min(common.run_child("bench.capture", "mem", backend, "20", env_extra=env)["extra_mb"]
@@ -76,8 +73,7 @@ def collect(quick: bool = False) -> dict:
             "value": round(m100 - m20, 2), "target": 5.0, "unit": "MB",
             "settings": f"extra peak RSS after 100 steps ({m100:.1f} MB) minus after 20 ({m20:.1f} MB), fresh processes, "
                         f"min of {reps}, MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=131072"}
-    out["capture_overhead_ratio"] = {"value": round(worst, 4), "target": 1.10, "unit": "x",
-                                     "settings": "worst of the two CPU attention backends"}
+    common.add_worst(out, ["capture_overhead_ratio"])
     out["capture_memory_growth_mb"] = {
         "value": max(out[f"capture_memory_growth_mb[{b}]"]["value"] for b in ("subquad", "sdpa")),
         "target": 5.0, "unit": "MB", "settings": "worst of the two CPU attention backends"}
@@ -89,7 +85,7 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["time", "mem"])
     ap.add_argument("backend", choices=["subquad", "sdpa"])
     ap.add_argument("steps", type=int)
-    ap.add_argument("pairs", type=int, nargs="?", default=3)
+    ap.add_argument("pairs", type=int, nargs="?", default=common.PAIRS)
     a = ap.parse_args()
     res = time_case(a.backend, a.steps, a.pairs) if a.what == "time" else mem_case(a.backend, a.steps)
     sys.stdout.write(json.dumps(res) + "\n")

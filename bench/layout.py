@@ -82,7 +82,7 @@ def mem_case(backend, which):
 def collect(quick=False):
     out = {}
     env = common.MEM_ENV
-    pairs = "2" if quick else "3"
+    pairs = "2" if quick else str(common.PAIRS)
     for backend in ("subquad", "sdpa"):
         it = common.run_child("bench.layout", "time", backend, "iter", pairs)
         rt = common.run_child("bench.layout", "time", backend, "run", pairs)
@@ -90,12 +90,11 @@ def collect(quick=False):
                       for _ in range(1 if quick else 2)) for w in ("plain", "guided", "guided_copy")}
         settings = (f"tiny SD1.5-shaped UNet (4 levels, attention at 32x32, 16x16, 8x8 mid), 64x64 latent, "
                     f"inference-tensor weights, attention={it['attention']}")
-        iter_ratio = it["ratio"] - 1.0            # (1 CFG step + 1 iteration) / (1 CFG step) - 1
         mem_ratio = mem["guided"] / max(mem["plain"], 1e-6)
-        out[f"layout_iter_time_ratio[{backend}]"] = {
-            "value": round(iter_ratio, 4), "target": 2.0, "unit": "x",
-            "settings": settings + ", one guidance iteration (forward to the last guided layer + backward, cond row) "
-                                   "vs one CFG step, 4 steps each guided once, CPU time"}
+        # (1 CFG step + 1 iteration) / (1 CFG step) - 1
+        out[f"layout_iter_time_ratio[{backend}]"] = common.time_figure(
+            it, 2.0, settings + ", one guidance iteration (forward to the last guided layer + backward, cond row) "
+                                "vs one CFG step, 4 steps each guided once, CPU time", shift=-1.0)
         out[f"layout_iter_mem_ratio[{backend}]"] = {
             "value": round(mem_ratio, 4), "target": 2.5, "unit": "x",
             "settings": settings + f", 1-step run with one iteration vs 1-step plain run: extra peak RSS "
@@ -104,10 +103,9 @@ def collect(quick=False):
             "value": round(mem["guided_copy"] / max(mem["plain"], 1e-6), 4), "target": None, "unit": "x",
             "settings": settings + f", as layout_iter_mem_ratio with weights=copy (temporary copy of the guided "
                                    f"blocks instead of weight references): {mem['guided_copy']:.1f} MB"}
-        out[f"layout_run_time_ratio[{backend}]"] = {
-            "value": round(rt["ratio"], 4), "target": 3.0, "unit": "x",
-            "settings": settings + f", 50 euler steps, strength 30, <= 5 iterations while E > 0.2 in the first 10 "
-                                   f"steps ({rt['iterations']} iterations done), CPU time"}
+        out[f"layout_run_time_ratio[{backend}]"] = common.time_figure(
+            rt, 3.0, settings + f", 50 euler steps, strength 30, <= 5 iterations while E > 0.2 in the first 10 "
+                                f"steps ({rt['iterations']} iterations done), CPU time")
     return common.add_worst(out, ['layout_iter_time_ratio', 'layout_iter_mem_ratio', 'layout_run_time_ratio'])
 
 
@@ -116,7 +114,7 @@ if __name__ == "__main__":
     ap.add_argument("what", choices=["time", "mem"])
     ap.add_argument("backend", choices=["subquad", "sdpa"])
     ap.add_argument("which", choices=["iter", "run", "plain", "guided", "guided_copy"])
-    ap.add_argument("pairs", type=int, nargs="?", default=3)
+    ap.add_argument("pairs", type=int, nargs="?", default=common.PAIRS)
     a = ap.parse_args()
     res = time_case(a.backend, a.which, a.pairs) if a.what == "time" else mem_case(a.backend, a.which)
     sys.stdout.write(json.dumps(res) + "\n")

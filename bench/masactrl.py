@@ -67,7 +67,7 @@ def collect(quick=False):
     out = {}
     steps = 20
     env = common.MEM_ENV
-    pairs = "2" if quick else "3"
+    pairs = "2" if quick else str(common.PAIRS)
     for backend in ("subquad", "sdpa"):
         t = common.run_child("bench.masactrl", "time", backend, "masactrl", str(steps), pairs)
         inv = common.run_child("bench.masactrl", "time", backend, "inversion", str(steps), pairs)
@@ -76,15 +76,13 @@ def collect(quick=False):
         settings = (f"tiny SD1.5-shaped UNet (attention at 32x32, 16x16, mid), 64x64 latent, "
                     f"attention={t['attention']}")
         mr = mem["masactrl"] / max(mem["plain"], 1e-6)
-        out[f"masactrl_time_ratio[{backend}]"] = {
-            "value": round(t["ratio"], 4), "target": 1.05, "unit": "x",
-            "settings": settings + f", batch [source, target], {steps} euler steps, cfg 7, CPU time"}
+        out[f"masactrl_time_ratio[{backend}]"] = common.time_figure(
+            t, 1.05, settings + f", batch [source, target], {steps} euler steps, cfg 7, CPU time")
         out[f"masactrl_peak_mem_ratio[{backend}]"] = {
             "value": round(mr, 4), "target": 1.05, "unit": "x",
             "settings": settings + f", extra peak RSS {mem['masactrl']:.1f} MB / plain {mem['plain']:.1f} MB"}
-        out[f"inversion_step_time_ratio[{backend}]"] = {
-            "value": round(inv["ratio"], 4), "target": 1.1, "unit": "x",
-            "settings": settings + f", batch 1, {steps} DDIM inversion steps vs {steps} euler steps at cfg 1, CPU time"}
+        out[f"inversion_step_time_ratio[{backend}]"] = common.time_figure(
+            inv, 1.1, settings + f", batch 1, {steps} DDIM inversion steps vs {steps} euler steps at cfg 1, CPU time")
     return common.add_worst(out, ['masactrl_time_ratio', 'masactrl_peak_mem_ratio', 'inversion_step_time_ratio'])
 
 
@@ -94,7 +92,7 @@ if __name__ == "__main__":
     ap.add_argument("backend", choices=["subquad", "sdpa"])
     ap.add_argument("which", choices=["masactrl", "inversion", "plain"])
     ap.add_argument("steps", type=int)
-    ap.add_argument("pairs", type=int, nargs="?", default=3)
+    ap.add_argument("pairs", type=int, nargs="?", default=common.PAIRS)
     a = ap.parse_args()
     res = time_case(a.backend, a.which, a.steps, a.pairs) if a.what == "time" else mem_case(a.backend, a.which, a.steps)
     sys.stdout.write(json.dumps(res) + "\n")

@@ -99,13 +99,12 @@ def collect(quick=False):
     steps = 20
     env = common.MEM_ENV
     for backend in ("subquad", "sdpa"):
-        r = common.run_child("bench.p2p", "time", backend, "plain", str(steps), "2" if quick else "3")
+        r = common.run_child("bench.p2p", "time", backend, "plain", str(steps), "2" if quick else str(common.PAIRS))
         mem = {w: min(common.run_child("bench.p2p", "mem", backend, w, "4", env_extra=env)["extra_mb"]
                       for _ in range(1 if quick else 2)) for w in ("plain", "fused", "naive")}
         settings = (f"tiny SD1.5-shaped UNet (attention at 32x32 and 16x16), 64x64 latent, batch [source, target], "
                     f"attention={r['attention']}")
-        out[f"p2p_time_ratio[{backend}]"] = {"value": round(r["ratio"], 4), "target": 1.15, "unit": "x",
-                                             "settings": settings + f", {steps} euler steps, CPU time"}
+        out[f"p2p_time_ratio[{backend}]"] = common.time_figure(r, 1.15, settings + f", {steps} euler steps, CPU time")
         mr = mem["fused"] / max(mem["plain"], 1e-6)
         nr = mem["fused"] / max(mem["naive"], 1e-6)
         out[f"p2p_peak_mem_ratio[{backend}]"] = {
@@ -123,7 +122,7 @@ if __name__ == "__main__":
     ap.add_argument("backend", choices=["subquad", "sdpa"])
     ap.add_argument("which", choices=["plain", "fused", "naive"])
     ap.add_argument("steps", type=int)
-    ap.add_argument("pairs", type=int, nargs="?", default=3)
+    ap.add_argument("pairs", type=int, nargs="?", default=common.PAIRS)
     a = ap.parse_args()
     res = time_case(a.backend, a.steps, a.pairs) if a.what == "time" else mem_case(a.backend, a.which, a.steps)
     sys.stdout.write(json.dumps(res) + "\n")

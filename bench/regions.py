@@ -69,7 +69,7 @@ def time_case(backend, which, steps, pairs):
 def collect(quick=False):
     out = {}
     steps = 20
-    pairs = "2" if quick else "3"
+    pairs = "2" if quick else str(common.PAIRS)
     for backend in common.BACKENDS:
         settings = None
         for which in ("pww", "regions1", "regions2", "regions4"):
@@ -77,16 +77,14 @@ def collect(quick=False):
             settings = (f"tiny SD1.5-shaped UNet (attention at 32x32, 16x16, mid), 64x64 latent, "
                         f"attention={t['attention']}, batch 1, {steps} euler steps, cfg 7, CPU time")
             if which == "pww":
-                out[f"pww_overhead_ratio[{backend}]"] = {
-                    "value": round(t["ratio"], 4), "target": 1.10, "unit": "x",
-                    "settings": settings + ", paint-with-words (eDiff-I, 2 phrases on 2 boxes, every cross-attention "
-                                           "layer) vs plain sampling"}
+                out[f"pww_overhead_ratio[{backend}]"] = common.time_figure(
+                    t, 1.10, settings + ", paint-with-words (eDiff-I, 2 phrases on 2 boxes, every cross-attention "
+                                        "layer) vs plain sampling")
             else:
                 n = int(which[len("regions"):])
-                out[f"regions{n}_time_ratio[{backend}]"] = {
-                    "value": round(t["ratio"], 4), "target": "report", "unit": "x",
-                    "settings": settings + f", {n} region(s) covering the canvas, bootstrap 0.4, vs plain sampling "
-                                           f"({n} region rows + the negative vs 2 rows; {2 * n} rows in the bootstrap steps)"}
+                out[f"regions{n}_time_ratio[{backend}]"] = common.time_figure(
+                    t, "report", settings + f", {n} region(s) covering the canvas, bootstrap 0.4, vs plain sampling "
+                                            f"({n} region rows + the negative vs 2 rows; {2 * n} rows in the bootstrap steps)")
     return common.add_worst(out, ["pww_overhead_ratio"])
 
 
@@ -95,6 +93,6 @@ if __name__ == "__main__":
     ap.add_argument("backend", choices=list(common.BACKENDS))
     ap.add_argument("which", choices=["pww", "regions1", "regions2", "regions4"])
     ap.add_argument("steps", type=int)
-    ap.add_argument("pairs", type=int, nargs="?", default=3)
+    ap.add_argument("pairs", type=int, nargs="?", default=common.PAIRS)
     a = ap.parse_args()
     sys.stdout.write(json.dumps(time_case(a.backend, a.which, a.steps, a.pairs)) + "\n")

@@ -113,7 +113,7 @@ def mem_case(backend, which, channels=32):
 def collect(quick=False):
     out = {}
     env = common.MEM_ENV
-    pairs = "2" if quick else "3"
+    pairs = "2" if quick else str(common.PAIRS)
     for backend in ("subquad", "sdpa"):
         t = common.run_child("bench.tiled", "time", backend, "-", pairs)
         mem = {w: min(common.run_child("bench.tiled", "mem", backend, w, "--channels", str(MEM_CHANNELS),
@@ -124,13 +124,10 @@ def collect(quick=False):
         settings = (f"tiny SD1.5-shaped UNet (4 levels, attention at 1/2, 1/4, 1/8 mid), tiles 64x64 latent "
                     f"(512 px), overlap 32 latent, multidiffusion, cfg rows batched, attention={t['attention']}")
         times = ", ".join(f"{n} tiles {s:.3f} s" for n, s in t["tile_times"].items())
-        oh = t["overhead"]["ratio"]
         mem_ratio = mem["pano"] / max(mem["single"], 1e-6)
-        speedup = t["batch"]["ratio"]                # interleaved B/A = t(batch 1) / t(batch 4)
-        out[f"tiled_overhead_ratio[{backend}]"] = {
-            "value": round(oh, 4), "target": 1.05, "unit": "x",
-            "settings": settings + f", one tiled model call on an 8-tile 64x288 canvas vs 8 raw apply_model calls of "
-                                   f"one tile, tile batch 1, CPU time; per-step tiled call times: {times}"}
+        out[f"tiled_overhead_ratio[{backend}]"] = common.time_figure(
+            t["overhead"], 1.05, settings + f", one tiled model call on an 8-tile 64x288 canvas vs 8 raw apply_model "
+                                            f"calls of one tile, tile batch 1, CPU time; per-step tiled call times: {times}")
         out[f"tiled_panorama_mem_ratio[{backend}]"] = {
             "value": round(mem_ratio, 4), "target": 1.3, "unit": "x",
             "settings": settings.replace("tiny SD1.5-shaped UNet", f"SD1.5-shaped UNet, model_channels {MEM_CHANNELS}")
@@ -141,9 +138,9 @@ def collect(quick=False):
             "settings": settings + f", as tiled_panorama_mem_ratio on the 32-channel model: extra peak RSS "
                                    f"{mem32['pano']:.1f} MB / {mem32['single']:.1f} MB (one tile's activations are "
                                    "here as small as the sampler's own canvas-sized tensors)"}
-        out[f"tiled_batch_speedup[{backend}]"] = {
-            "value": round(speedup, 4), "target": None, "unit": "x",
-            "settings": settings + ", 8-tile canvas, time at tile batch 1 / time at tile batch 4, CPU time"}
+        # interleaved B/A = t(batch 1) / t(batch 4)
+        out[f"tiled_batch_speedup[{backend}]"] = common.time_figure(
+            t["batch"], None, settings + ", 8-tile canvas, time at tile batch 1 / time at tile batch 4, CPU time")
     return common.add_worst(out, ["tiled_overhead_ratio", "tiled_panorama_mem_ratio"])
 
 
