@@ -164,6 +164,66 @@ def test_issue_target_layout_hit_rate():
     assert r["hit"] >= 0.70, r
 
 
+def _background_tone(rgb) -> float:
+    """Median grey of the background pixels (the world's background is a flat grey in [0.80, 0.97])."""
+    bg = E.classify_pixels(rgb) == -1
+    return float(np.median(E.to_hwc(rgb)[bg]))
+
+
+@functools.lru_cache(maxsize=1)
+def masactrl_appearance_measure():
+    """MasaCtrl's claim (issue 16 item 4): the target's layout comes from its own denoising, its
+    appearance from the source. Source and target share the caption ("a <colour> <shape>", 12
+    subjects) but not the noise (batch_index [0, 1]), so the target's object sits elsewhere; the
+    appearance attribute is the background tone, which no caption names (uniform in [0.80, 0.97] in
+    training). Measured against the target sampled alone from the same noise.
+
+    The issue's own setup cannot be measured on this model: it does not follow position words
+    ("on the left" -> "on the right" leaves the object in place, so "it moves" fails with and
+    without MasaCtrl), colourless captions ("a circle") are outside its training captions, and a
+    colour the target prompt names wins over MasaCtrl (source "a red circle", target "a green
+    circle": the target is green in 12/12, with or without MasaCtrl, at every start step and layer
+    tried). Self-attention does carry the layout in this model (zeroing it moves objects 6 px), so
+    the weak colour transfer is the text conditioning winning, not a missing self-attention level."""
+    model, clip, _ = S.load()
+    subjects = [(c, s) for c in COLOURS for s in SHAPES]
+    rows = []
+    for i, (c, s) in enumerate(subjects):
+        out = MasaCtrl.execute(model, clip, M.latent(1, 32, 32), f"a {c} {s}", f"a {c} {s}", "", 4 / 50, -1,
+                               "mutual", "", "", 0.1, None, None)
+        m, pos, neg, lat = _res(out)
+        lat = dict(lat, batch_index=[0, 1])                    # target from other noise than the source
+        res = S.to_rgb(S.sample(m, pos, neg, lat, seed=500 + i))
+        plain = S.to_rgb(S.sample(model, pos, neg, lat, seed=500 + i))
+        objs = [[o for o in E.segment_objects(img) if o["colour"] == c] for img in (res[0], res[1], plain[1])]
+        if not all(objs):
+            continue
+        (src,), (tgt,), (alone,) = ([o[0]["centre"]] for o in objs)
+        tone = [_background_tone(img) for img in (res[0], res[1], plain[1])]
+        rows.append({"from_alone": float(np.hypot(tgt[0] - alone[0], tgt[1] - alone[1])),
+                     "from_source": float(np.hypot(tgt[0] - src[0], tgt[1] - src[1])),
+                     "tone_gap": abs(tone[1] - tone[0]), "tone_gap_alone": abs(tone[2] - tone[0]),
+                     "source_unchanged": bool(torch.equal(res[0], plain[0]))})
+    n = len(rows)
+    mean = lambda k: float(np.mean([r[k] for r in rows]))
+    return {"n": n, "target_shift_from_alone_px": mean("from_alone"), "target_shift_from_source_px": mean("from_source"),
+            "tone_gap": mean("tone_gap"), "tone_gap_alone": mean("tone_gap_alone"),
+            "tone_closer": sum(r["tone_gap"] < r["tone_gap_alone"] for r in rows),
+            "source_unchanged": all(r["source_unchanged"] for r in rows)}
+
+
+def test_masactrl_target_keeps_its_layout_and_takes_the_source_appearance():
+    r = masactrl_appearance_measure()
+    print(f"SEMANTIC masactrl_appearance {r}")
+    assert r["n"] >= 10, r
+    assert r["source_unchanged"], r
+    # layout: the target's object stays where its own noise puts it (not copied from the source)
+    assert r["target_shift_from_alone_px"] <= 1.5 and r["target_shift_from_source_px"] >= 5.0, r
+    # appearance: the background tone moves toward the source's (measured: gap 0.014 vs 0.031 alone, closer in 10/12; the target object 0.4 px from where it lies alone, 8 px from the source object)
+    assert r["tone_gap"] <= 0.7 * r["tone_gap_alone"], r
+    assert r["tone_closer"] >= 0.7 * r["n"], r
+
+
 @functools.lru_cache(maxsize=1)
 def masactrl_measure():
     """Source "a <colour> <shape> on the left", target "... on the right" (same noise): does the
