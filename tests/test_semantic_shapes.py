@@ -219,7 +219,8 @@ def test_masactrl_target_keeps_its_layout_and_takes_the_source_appearance():
     assert r["source_unchanged"], r
     # layout: the target's object stays where its own noise puts it (not copied from the source)
     assert r["target_shift_from_alone_px"] <= 1.5 and r["target_shift_from_source_px"] >= 5.0, r
-    # appearance: the background tone moves toward the source's (measured: gap 0.014 vs 0.031 alone, closer in 10/12; the target object 0.4 px from where it lies alone, 8 px from the source object)
+    # appearance: the background tone moves toward the source's (measured: gap 0.014 vs 0.031 alone,
+    # closer in 10/12; the target object 0.4 px from where it lies alone, 8 px from the source object)
     assert r["tone_gap"] <= 0.7 * r["tone_gap_alone"], r
     assert r["tone_closer"] >= 0.7 * r["n"], r
 
