@@ -1,7 +1,23 @@
 """Measurement helpers shared by the benchmarks (DESIGN.md section 7).
 
-- time ratios: A and B interleaved in one process (A B A B ...), at least 3 pairs after a warm-up,
-  median of per-pair ratios of process CPU time;
+- time ratios: A and B interleaved in one process in ABBA order (A B, B A, A B, ...), PAIRS (12)
+  pairs after a warm-up, median of the per-pair ratios of process CPU time, reported with the
+  number of pairs and the min-max of the per-pair ratios (time_figure). Why 12: with 3 pairs, three
+  reruns of capture_overhead_ratio[sdpa] gave 1.06, 1.04 and 1.14. Measured at one thread while
+  other jobs kept the 2-core machine busy (load 2.5-3), the per-pair ratios of that case have an sd
+  of 0.04-0.07, so the median of 12 has a standard error of about 1.5-2.5 %; three 16-pair reruns
+  still gave 0.99, 1.07 and 1.09 (a quiet machine was not available to measure). More pairs are
+  not affordable: at one thread the time cases cost about 220 s a pair for both backends, so 12
+  pairs plus the warm-up is about 45 min. On a busy machine reruns can still differ by more than
+  +-2 %; the recorded min-max shows how far to trust a figure. The 50-step layout run (25 s a pair,
+  wide margin: 1.8 against 3.0) uses half as many pairs.
+- threads: interleaved_ratio pins torch to THREADS (1) thread for the rest of its process (time
+  cases only; the memory cases keep torch's default). Measured on the bench's 2-core machine with
+  another 2-thread job running, capture time sdpa 20 steps, 6 pairs, two reruns each: 1 thread
+  4.4 s CPU a run, per-pair ratios 0.96-1.09 and 0.97-1.07, medians 1.03 and 1.02, 72 s wall;
+  torch's default (2 threads) 5-50 s CPU a run (OpenMP workers spin while the other core is
+  taken), per-pair ratios 1.01-1.80 and 0.20-2.15, medians 1.13 and 0.69, 136 and 324 s wall.
+  BENCH_THREADS=0 keeps torch's default.
 - memory: extra peak RSS above the loaded-model baseline, each case in a fresh process; the peak is
   reset through /proc/self/clear_refs (VmHWM) once the model is built, so import-time peaks do not
   count. Child processes run with MEM_ENV: one malloc arena and a fixed mmap threshold of 128 kB,
@@ -20,8 +36,8 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAIRS = 8
-THREADS = int(os.environ.get("BENCH_THREADS", "0"))
+PAIRS = 12
+THREADS = int(os.environ.get("BENCH_THREADS", "1"))
 
 
 def setup(backend: str):
@@ -31,19 +47,26 @@ def setup(backend: str):
             sys.path.append(p)
     from devtools.host import import_pack, setup_comfy
     setup_comfy(pytorch_attention=(backend == "sdpa"))
-    if THREADS:
-        import torch
-        torch.set_num_threads(THREADS)
     import_pack()
     import comfy.ldm.modules.attention as A
     return A.optimized_attention.__name__
+
+
+def pin_threads(n: int | None = None):
+    """torch.set_num_threads(n or THREADS); a no-op when that is 0."""
+    n = THREADS if n is None else n
+    if n:
+        import torch
+        torch.set_num_threads(n)
 
 
 def interleaved_ratio(run_a, run_b, pairs: int = PAIRS, warmup: bool = True) -> dict:
     """Median of per-pair CPU-time ratios B/A (A = baseline), in ABBA order: pair i runs A then B
     when i is even and B then A when i is odd, so a drift (a neighbour's load, allocator or cache
     state) weighs on A and B alike. Returns the median, the number of pairs, the min and max of the
-    per-pair ratios and the pair times (a_s[i], b_s[i] belong to pair i)."""
+    per-pair ratios and the pair times (a_s[i], b_s[i] belong to pair i). Pins torch to THREADS
+    threads first, for the rest of the process (see the module docstring)."""
+    pin_threads()
     if warmup:
         run_a()
         run_b()

@@ -8,6 +8,8 @@ def _fake(monkeypatch, b_durations):
     """Callables A (1 s each) and B (the given durations, in call order) on a fake process clock."""
     clock, calls, b_left = [0.0], [], list(b_durations)
     monkeypatch.setattr(common.time, "process_time", lambda: clock[0])
+    # the thread pin is recorded, not applied: it would hold for the rest of this pytest process
+    monkeypatch.setattr(common, "pin_threads", lambda n=None: calls.append("pin"))
 
     def run_a():
         calls.append("A")
@@ -23,7 +25,7 @@ def test_interleaved_ratio_abba_order_and_fields(monkeypatch):
     # B durations by call: warm-up, then pairs 0..3 (B is run first in the odd pairs)
     run_a, run_b, calls = _fake(monkeypatch, [9.0, 1.1, 1.3, 0.9, 1.2])
     res = common.interleaved_ratio(run_a, run_b, pairs=4)
-    assert calls == ["A", "B"] + ["A", "B", "B", "A", "A", "B", "B", "A"]
+    assert calls == ["pin", "A", "B"] + ["A", "B", "B", "A", "A", "B", "B", "A"]
     assert res["pairs"] == 4
     assert res["a_s"] == [1.0] * 4
     assert [round(t, 6) for t in res["b_s"]] == [1.1, 1.3, 0.9, 1.2]
@@ -34,8 +36,22 @@ def test_interleaved_ratio_without_warmup_and_default_pairs(monkeypatch):
     run_a, run_b, calls = _fake(monkeypatch, [1.0] * common.PAIRS)
     res = common.interleaved_ratio(run_a, run_b, warmup=False)
     assert res["pairs"] == common.PAIRS >= 8
-    assert calls[:4] == ["A", "B", "B", "A"] and len(calls) == 2 * common.PAIRS
+    assert calls[:5] == ["pin", "A", "B", "B", "A"] and len(calls) == 1 + 2 * common.PAIRS
     assert res["ratio"] == res["min"] == res["max"] == 1.0
+
+
+def test_pin_threads(monkeypatch):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setattr(common, "THREADS", 1)
+        common.pin_threads()
+        assert torch.get_num_threads() == 1
+        monkeypatch.setattr(common, "THREADS", 0)
+        common.pin_threads()                                        # 0: torch's default is kept
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_time_figure_and_add_worst_carry_the_spread():
