@@ -1,7 +1,7 @@
 """The DiT half of the attention router: ComfyUI glue for transformer (DiT) models.
 
 UNet sites are routed by `router.py` (attn1 / attn2 replace patches). DiT families (Flux, Flux.2,
-SD3, Wan, Qwen-Image, Lumina 2, Z-Image) are reached through the one slot
+Chroma, SD3, Wan, Qwen-Image, Lumina 2, Z-Image) are reached through the one slot
 `transformer_options["optimized_attention_override"]`: every DiT attention goes through ComfyUI's
 `comfy.ldm.modules.attention.wrap_attn`, which calls the override as `override(func, *args, **kwargs)`
 where `func` is the attention it would have run, `args` / `kwargs` its own call: `q, k, v` are always
@@ -16,16 +16,19 @@ APPLY_MODEL wrapper; for each model call that wrapper copies the call's transfor
 the slot to a fresh `DitOverride` that holds whatever override the call carried (another pack's,
 a SageAttention-style speed patch), which it calls as the default attention. So:
 - a foreign override stored in `model_options` before or after `attach_dit` runs, inside ours, and
-  its effect is kept (both are tested). A pack that wraps the slot's current value at node time
-  finds ours absent and wraps whatever was there: it runs inside ours as well.
-- a pack that sets the slot per model call from a wrapper that runs *inside* ours (a later
-  APPLY_MODEL wrapper, a DIFFUSION_MODEL wrapper) wraps ours if it chains the previous value (both
-  run) and drops ours if it overwrites it: then our controllers see no call. The router notices a
-  model call in which its override never ran and logs that once per router.
+  its effect is kept (both tested). A pack that wraps the slot's current value at node time finds
+  ours absent and wraps whatever was there; one that overwrites the slot there removes nothing of
+  ours (tested): either way it runs inside ours.
+- a pack that sets the slot per model call from a wrapper that runs *outside* ours (an APPLY_MODEL
+  wrapper added before attach_dit) is chained like a stored one. From a wrapper that runs *inside*
+  ours (an APPLY_MODEL wrapper added later, a DIFFUSION_MODEL wrapper) it wraps ours if it chains
+  the value it finds (both run; tested) and drops ours if it overwrites it: then our controllers see
+  no call of that model call. Nothing we can do from the slot prevents that; the router notices a
+  model call in which its override never ran and logs it once per router (tested).
 - our own override found in a call's options (an enclosing model call) is unwrapped to its default,
   never nested.
 
-Block ids. Flux / Flux.2 and Qwen-Image set `block_type` / `block_index` in transformer_options
+Block ids. Flux / Flux.2, Chroma and Qwen-Image set `block_type` / `block_index` in transformer_options
 before each block: the site takes them from there. SD3, Wan and Lumina 2 / Z-Image set none: the
 site takes the n-th entry of the model's call schedule (built from its module tree at attach time),
 n counted per model call by the override of that call (reset by the APPLY_MODEL wrapper).
@@ -57,21 +60,22 @@ __all__ = ["attach_dit", "get_dit_router", "detect_family", "DitSite", "DitCall"
 # camera models add calls the schedules below do not describe)
 _FAMILY_OF_CLASS = {
     ("comfy.ldm.flux.model", "Flux"): "Flux",
+    ("comfy.ldm.chroma.model", "Chroma"): "Chroma",
     ("comfy.ldm.modules.diffusionmodules.mmdit", "OpenAISignatureMMDITWrapper"): "SD3",
     ("comfy.ldm.wan.model", "WanModel"): "Wan",
     ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"): "Qwen-Image",
     ("comfy.ldm.lumina.model", "NextDiT"): "Lumina 2",
 }
-SUPPORTED_DIT_FAMILIES = ("Flux", "Flux.2", "SD3", "Wan", "Qwen-Image", "Lumina 2", "Z-Image")
+SUPPORTED_DIT_FAMILIES = ("Flux", "Flux.2", "Chroma", "SD3", "Wan", "Qwen-Image", "Lumina 2", "Z-Image")
 # families whose forward sets block_type / block_index in transformer_options
-_IDS_FROM_OPTIONS = frozenset({"Flux", "Flux.2", "Qwen-Image"})
+_IDS_FROM_OPTIONS = frozenset({"Flux", "Flux.2", "Chroma", "Qwen-Image"})
 
 
 @dataclass(frozen=True)
 class DitSite:
     """One attention call of a DiT forward.
 
-    block_type: "double" / "single" (Flux, Flux.2), "double" (Qwen-Image), "joint" (SD3), "block" (Wan),
+    block_type: "double" / "single" (Flux, Flux.2, Chroma), "double" (Qwen-Image), "joint" (SD3), "block" (Wan),
     "context_refiner" / "noise_refiner" / "layer" (Lumina 2, Z-Image); "extra" for calls beyond the
     model's schedule. stream: "joint" (text tokens first, then image tokens), "image_self",
     "text_cross" (image queries, text keys), "clip_image_cross" (Wan i2v), "text_refiner",
@@ -119,7 +123,7 @@ def detect_family(model_patcher) -> str:
 def call_schedule(family: str, dm) -> tuple:
     """(block_type, block_index, stream) of each attention call of one forward, in order."""
     out = []
-    if family in ("Flux", "Flux.2"):
+    if family in ("Flux", "Flux.2", "Chroma"):
         out += [("double", i, "joint") for i in range(len(dm.double_blocks))]
         out += [("single", i, "joint") for i in range(len(dm.single_blocks))]
     elif family == "Qwen-Image":

@@ -3,12 +3,15 @@ family on the real ComfyUI 0.3.75 classes, one forward each through `BaseModel.a
 transformer_options built as the sampler builds them (calc_cond_batch / prepare_model_patcher)."""
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
 import comfy.model_management
 import comfy.model_patcher
 import comfy.patcher_extension
+import comfy.sample
 import comfy.supported_models
 
 from attention_control.attention.core import AttentionControlError, UnsupportedModelError
@@ -29,6 +32,10 @@ CONFIGS = {
         mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1,
         qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
         default_ref_method="index", ref_index_scale=10.0)),
+    "Chroma": ("Chroma", dict(
+        image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64, mlp_ratio=2.0,
+        num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
+        in_dim=64, out_dim=64, hidden_dim=32, n_layers=1)),
     "SD3": ("SD3", dict(
         in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_scaling_factor=None,
         pos_embed_max_size=16, context_embedder_config={"target": "torch.nn.Linear",
@@ -60,6 +67,8 @@ def _inputs(family: str, g: torch.Generator) -> tuple[torch.Tensor, dict]:
                                                             guidance=torch.tensor([3.5]))
     if family == "Flux.2":
         return torch.randn(1, 128, 8, 8, generator=g), dict(c_crossattn=ctx, guidance=torch.tensor([3.5]))
+    if family == "Chroma":
+        return torch.randn(1, 16, 16, 16, generator=g), dict(c_crossattn=ctx, guidance=torch.tensor([0.0]))
     if family == "SD3":
         return torch.randn(1, 16, 16, 16, generator=g), dict(c_crossattn=ctx, y=torch.randn(1, 32, generator=g))
     if family == "Wan":
@@ -74,6 +83,7 @@ EXPECTED = {
     "Flux": ([("double", 0, "joint"), ("double", 1, "joint"), ("single", 0, "joint"), ("single", 1, "joint")],
              "options"),
     "Flux.2": ([("double", 0, "joint"), ("single", 0, "joint"), ("single", 1, "joint")], "options"),
+    "Chroma": ([("double", 0, "joint"), ("single", 0, "joint"), ("single", 1, "joint")], "options"),
     "SD3": ([("joint", 0, "joint"), ("joint", 1, "joint")], "counter"),
     "Wan": ([("block", 0, "image_self"), ("block", 0, "text_cross"), ("block", 1, "image_self"),
              ("block", 1, "text_cross")], "counter"),
@@ -85,17 +95,16 @@ EXPECTED["Z-Image"] = EXPECTED["Lumina 2"]
 # (query tokens, key tokens) of each stream in these inputs: 64 image tokens (Wan: 2 frames x 4 x 4)
 TOKENS = {"joint": (TXT + 64, TXT + 64), "image_self": (32, 32), "text_cross": (32, TXT),
           "text_refiner": (TXT, TXT), "image_refiner": (64, 64)}
-LAYOUT = {"Flux": "bhnd", "Flux.2": "bhnd", "SD3": "bnc", "Wan": "bnc", "Qwen-Image": "bhnd", "Lumina 2": "bhnd",
+LAYOUT = {"Flux": "bhnd", "Flux.2": "bhnd", "Chroma": "bhnd", "SD3": "bnc", "Wan": "bnc", "Qwen-Image": "bhnd", "Lumina 2": "bhnd",
           "Z-Image": "bhnd"}
 
-FAST = ("Flux", "SD3", "Wan", "Lumina 2")
 FAMILIES = tuple(CONFIGS)
 
 
 class Tiny:
-    def __init__(self, family):
+    def __init__(self, family, **config):
         cls_name, cfg = CONFIGS[family]
-        mc = getattr(comfy.supported_models, cls_name)(dict(cfg))
+        mc = getattr(comfy.supported_models, cls_name)(dict(cfg, **config))
         mc.set_inference_dtype(torch.float32, None)
         model = mc.get_model({})
         _fill_random(model, 1717)
@@ -276,23 +285,32 @@ def test_foreign_override_replacing_slot_after_us(tiny):
     assert len(counter) == n and len(rec.seen) == n
 
 
-def test_per_call_override_inside_ours_chains(tiny):
-    """A pack that sets the slot per model call from a wrapper running inside ours (a later APPLY_MODEL
-    wrapper) and chains the value it finds: it wraps ours, both run, its effect is kept."""
+@pytest.mark.parametrize("order", ["wrapper_after_us", "wrapper_before_us"])
+def test_per_call_override_from_a_wrapper(tiny, order):
+    """A pack that sets the slot per model call from an APPLY_MODEL wrapper, chaining the value it
+    finds. Added after attach_dit its wrapper runs inside ours and wraps our override; added before,
+    it runs outside and ours wraps its override. Either way both run and its effect is kept."""
     n = len(EXPECTED[tiny.family][0])
-    counter, rec = [], Recorder()
+    counter, rec, found = [], Recorder(), []
 
     def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
         to = dict(transformer_options)
-        found = to.get("optimized_attention_override")
-        assert isinstance(found, DitOverride)
-        to["optimized_attention_override"] = foreign_override(counter, found)
+        found.append(to.get("optimized_attention_override"))
+        to["optimized_attention_override"] = foreign_override(counter, found[-1])
         return executor(x, t, c_concat, c_crossattn, control, to, **kw)
 
-    m = attach_dit(tiny.patcher, rec)
-    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", wrapper)
+    def add_wrapper(m):
+        m = m.clone()
+        m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", wrapper)
+        return m
+
+    if order == "wrapper_after_us":
+        m = add_wrapper(attach_dit(tiny.patcher, rec))
+    else:
+        m = attach_dit(add_wrapper(tiny.patcher), rec)
     out = forward(m, tiny.x, tiny.conds)
     ref = forward(with_foreign(tiny.patcher, []), tiny.x, tiny.conds)
+    assert isinstance(found[0], DitOverride) == (order == "wrapper_after_us")
     assert len(counter) == n and len(rec.seen) == n
     assert torch.equal(out, ref)
 
@@ -314,3 +332,67 @@ def test_unsupported_model_named_error(sd15):
     assert "UNetModel" in msg and "SD15" in msg
     for fam in SUPPORTED_DIT_FAMILIES:
         assert fam in msg
+
+
+def test_overwriting_override_inside_ours_is_logged(tiny, caplog):
+    """A pack that overwrites the slot per model call inside ours (no chaining) silences our
+    controllers for that call; the router says so once."""
+    counter, rec = [], Recorder()
+
+    def wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={}, **kw):
+        to = dict(transformer_options)
+        to["optimized_attention_override"] = foreign_override(counter)
+        return executor(x, t, c_concat, c_crossattn, control, to, **kw)
+
+    m = attach_dit(tiny.patcher, rec)
+    m.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "other_pack", wrapper)
+    with caplog.at_level(logging.WARNING, logger="attention_control"):
+        forward(m, tiny.x, tiny.conds)
+        forward(m, tiny.x, tiny.conds)
+    assert rec.seen == [] and len(counter) == 2 * len(EXPECTED[tiny.family][0])
+    assert sum("saw no attention call" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_sd35_image_self_attention_in_schedule():
+    """SD3.5 medium (MMDiT-X) blocks add an image-only self-attention after the joint one."""
+    t = Tiny("SD3", x_block_self_attn_layers=[0])
+    rec = Recorder()
+    assert torch.equal(forward(attach_dit(t.patcher, rec), t.x, t.conds), t.baseline)
+    assert [(s.block_type, s.block_index, s.stream) for s, *_ in rec.seen] == [
+        ("joint", 0, "joint"), ("joint", 0, "image_self"), ("joint", 1, "joint")]
+    assert [q[1] for _, q, *_ in rec.seen] == [TXT + 64, 64, TXT + 64]
+
+
+SAMPLE_CONDS = {   # positive / negative conditioning extras per family for comfy.sample.sample
+    "Flux": lambda g: {"pooled_output": torch.randn(1, 16, generator=g), "guidance": 3.5},
+    "SD3": lambda g: {"pooled_output": torch.randn(1, 32, generator=g)},
+    "Wan": lambda g: {},
+    "Lumina 2": lambda g: {},
+}
+
+
+@pytest.mark.parametrize("family", tuple(SAMPLE_CONDS))
+def test_sampling_with_cfg(family):
+    """A real KSampler run with cfg > 1 (uncond and cond batched in one model call): the router with a
+    passing controller leaves the samples bit for bit, and sees each step's calls with the batch
+    layout of the call."""
+    t = Tiny(family)
+    g = torch.Generator().manual_seed(11)
+    pos = [[torch.randn(1, TXT, 32, generator=g), SAMPLE_CONDS[family](g)]]
+    neg = [[torch.randn(1, TXT, 32, generator=g), SAMPLE_CONDS[family](g)]]
+    latent = torch.zeros_like(t.x)
+    noise = torch.randn(t.x.shape, generator=g)
+
+    def sample(m):
+        with torch.inference_mode():
+            return comfy.sample.sample(m, noise, 2, 2.5, "euler", "simple", pos, neg, latent, disable_pbar=True,
+                                       seed=11)
+
+    ref = sample(t.patcher)
+    rec = Recorder()
+    assert torch.equal(sample(attach_dit(t.patcher, rec)), ref)
+    blocks = EXPECTED[family][0]
+    assert len(rec.seen) == 2 * len(blocks)
+    for i, (site, qs, ks, cou) in enumerate(rec.seen):
+        assert (site.block_type, site.block_index, site.stream) == blocks[i % len(blocks)]
+        assert sorted(cou) == [0, 1] and qs[0] == 2
