@@ -101,19 +101,32 @@ LAYOUT = {"Flux": "bhnd", "Flux.2": "bhnd", "Chroma": "bhnd", "SD3": "bnc", "Wan
 FAMILIES = tuple(CONFIGS)
 
 
+def build(cls_name: str, cfg: dict, seed: int = 1717):
+    """A tiny random model of `comfy.supported_models.<cls_name>(cfg)`, float32, in a ModelPatcher."""
+    mc = getattr(comfy.supported_models, cls_name)(dict(cfg))
+    mc.set_inference_dtype(torch.float32, None)
+    model = mc.get_model({})
+    _fill_random(model, seed)
+    # buffers a checkpoint would fill: SD3's pos_embed is created with torch.empty (uninitialised
+    # memory: NaN in some runs); the sampling buffers (model_sampling.sigmas) are computed
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for _, b in sorted(model.diffusion_model.named_buffers(), key=lambda t: t[0]):
+            if b.is_floating_point():
+                b.copy_(0.1 * torch.randn(b.shape, generator=g))
+    model.eval()
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=torch.device("cpu"))
+
+
 class Tiny:
     def __init__(self, family, **config):
         cls_name, cfg = CONFIGS[family]
-        mc = getattr(comfy.supported_models, cls_name)(dict(cfg, **config))
-        mc.set_inference_dtype(torch.float32, None)
-        model = mc.get_model({})
-        _fill_random(model, 1717)
-        model.eval()
         self.family = family
-        self.patcher = comfy.model_patcher.ModelPatcher(
-            model, load_device=comfy.model_management.get_torch_device(), offload_device=torch.device("cpu"))
+        self.patcher = build(cls_name, dict(cfg, **config))
         self.x, self.conds = _inputs(family, torch.Generator().manual_seed(5))
         self.baseline = forward(self.patcher, self.x, self.conds)
+        assert torch.isfinite(self.baseline).all()
 
 
 def forward(patcher, x, conds, sigma=0.6):
@@ -389,6 +402,7 @@ def test_sampling_with_cfg(family):
                                        seed=11)
 
     ref = sample(t.patcher)
+    assert torch.isfinite(ref).all()
     rec = Recorder()
     assert torch.equal(sample(attach_dit(t.patcher, rec)), ref)
     blocks = EXPECTED[family][0]
@@ -396,3 +410,18 @@ def test_sampling_with_cfg(family):
     for i, (site, qs, ks, cou) in enumerate(rec.seen):
         assert (site.block_type, site.block_index, site.stream) == blocks[i % len(blocks)]
         assert sorted(cou) == [0, 1] and qs[0] == 2
+
+
+def test_wan_i2v_clip_image_cross_in_schedule():
+    """Wan 2.1 i2v blocks attend to the 257 CLIP image tokens, then to the text, after self-attention."""
+    patcher = build("WAN21_I2V", dict(CONFIGS["Wan"][1], model_type="i2v", in_dim=36))
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 16, 2, 8, 8, generator=g)
+    conds = dict(c_crossattn=torch.randn(1, TXT, 32, generator=g), c_concat=torch.randn(1, 20, 2, 8, 8, generator=g),
+                 clip_fea=torch.randn(1, 257, 1280, generator=g))
+    rec = Recorder()
+    assert detect_family(patcher) == "Wan"
+    assert torch.equal(forward(attach_dit(patcher, rec), x, conds), forward(patcher, x, conds))
+    assert [(s.block_type, s.block_index, s.stream, k[1]) for s, _, k, _ in rec.seen] == [
+        (b, i, st, n) for i in range(2)
+        for b, st, n in (("block", "image_self", 32), ("block", "clip_image_cross", 257), ("block", "text_cross", TXT))]
