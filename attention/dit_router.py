@@ -184,7 +184,11 @@ _ARG_NAMES = ("q", "k", "v", "heads", "mask")
 
 class DitCall:
     """One attention call as a controller sees it: the site, q / k / v and heads as the model passed
-    them, the mask (or None), the call's transformer_options, and the default attention."""
+    them, the mask (or None), the call's transformer_options, and the default attention.
+
+    A controller that needs the host's fused attention on other tensors uses `default(q, k, v)`;
+    calling ComfyUI's `optimized_attention` with this call's transformer_options from `attend` would
+    enter the override again (it is the same slot)."""
     __slots__ = ("site", "q", "k", "v", "heads", "mask", "transformer_options", "_override", "_func", "_args",
                  "_kwargs")
 
