@@ -257,6 +257,19 @@ def test_controller_output_is_used(tiny):
     assert not torch.equal(forward(attach_dit(tiny.patcher, Scale(btype)), tiny.x, tiny.conds), tiny.baseline)
 
 
+def test_default_on_other_tensors(tiny):
+    """call.default(v=...) runs the default attention on the tensors given: attention is linear in v,
+    so doubling v on one block type gives the same output as doubling that block's attention."""
+    btype = EXPECTED[tiny.family][0][-1][0]
+
+    class DoubleV(Scale):
+        def attend(self, call):
+            return call.default(v=call.v * 2.0)
+
+    torch.testing.assert_close(forward(attach_dit(tiny.patcher, DoubleV(btype)), tiny.x, tiny.conds),
+                               forward(attach_dit(tiny.patcher, Scale(btype)), tiny.x, tiny.conds))
+
+
 def test_last_added_controller_is_asked_first(tiny):
     """Stacking: the controller added last answers first; a passing one hands the call on."""
     btype = EXPECTED[tiny.family][0][0][0]
