@@ -19,8 +19,6 @@ from attention_control.attention.dit_router import (DIT_ROUTER_KEY, DitControlle
                                                     attach_dit, detect_family, get_dit_router)
 from devtools.tiny_checkpoint import _fill_random
 
-torch.set_num_threads(1)
-
 # DESIGN.md section 8 configs
 CONFIGS = {
     "Flux": ("Flux", dict(
