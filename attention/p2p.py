@@ -360,9 +360,12 @@ class P2PController(Controller):
     def apply_model(self, apply, x, sigma, run, cond_or_uncond, options=None):
         d = run.data(self)
         step, _ = run.step_of(sigma)
-        mask = self.blend_mask(d, x.shape[-2:]) if step >= d.get("blend_start", 0) else None
-        if mask is None:
+        if step < d.get("blend_start", 0):
             return apply(x)
+        # the input is blended with the maps so far; the output with this step's maps included, so
+        # that the first blended step (no maps before its model call) is blended too, as in the
+        # reference, which blends x_t after every step from the maps up to that step
+        mask = self.blend_mask(d, x.shape[-2:])
         B = run.batch
         chunks = len(cond_or_uncond)
 
@@ -375,8 +378,10 @@ class P2PController(Controller):
                     t[s + 1 + i] = t[s] + mm * (t[s + 1 + i] - t[s])
             return t
 
-        out = apply(mix(x, mask))
+        out = apply(x if mask is None else mix(x, mask))
         mask = self.blend_mask(d, x.shape[-2:])                # maps of this step included
+        if mask is None:
+            return out
         self.last_blend_mask = mask
         return mix(out, mask)
 
