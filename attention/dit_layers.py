@@ -62,7 +62,6 @@ class DitLayerSelector:
                 types.add(t)
             elif ":" in t:
                 name, _, span = (p.strip() for p in t.partition(":"))
-                name = "refiner" if name == "refiner" else name
                 if name not in BLOCK_TYPES and name != "refiner":
                     raise bad(raw.strip(), f" (unknown block type '{name}')")
                 lo, sep, hi = (p.strip() for p in span.partition("-"))

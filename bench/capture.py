@@ -73,11 +73,7 @@ def collect(quick: bool = False) -> dict:
             "value": round(m100 - m20, 2), "target": 5.0, "unit": "MB",
             "settings": f"extra peak RSS after 100 steps ({m100:.1f} MB) minus after 20 ({m20:.1f} MB), fresh processes, "
                         f"min of {reps}, MALLOC_ARENA_MAX=1, MALLOC_MMAP_THRESHOLD_=131072"}
-    common.add_worst(out, ["capture_overhead_ratio"])
-    out["capture_memory_growth_mb"] = {
-        "value": max(out[f"capture_memory_growth_mb[{b}]"]["value"] for b in ("subquad", "sdpa")),
-        "target": 5.0, "unit": "MB", "settings": "worst of the two CPU attention backends"}
-    return out
+    return common.add_worst(out, ["capture_overhead_ratio", "capture_memory_growth_mb"])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,9 @@
   still gave 0.99, 1.07 and 1.09 (a quiet machine was not available to measure). More pairs are
   not affordable: at one thread the time cases cost about 220 s a pair for both backends, so 12
   pairs plus the warm-up is about 45 min. On a busy machine reruns can still differ by more than
-  +-2 %; the recorded min-max shows how far to trust a figure. The 50-step layout run (25 s a pair,
+  +-2 %; the recorded min-max shows how far to trust a figure. On an idle machine too: two reruns
+  of `bench.run --only capture` gave 1.044 / 1.012 (subquad) and 0.976 / 1.060 (sdpa), the
+  baseline's own run times drifting 3.2-4.2 s within one run. The 50-step layout run (25 s a pair,
   wide margin: 1.8 against 3.0) uses half as many pairs.
 - threads: interleaved_ratio pins torch to THREADS (1) thread for the rest of its process (time
   cases only; the memory cases keep torch's default). Measured on the bench's 2-core machine with
