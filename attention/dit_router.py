@@ -45,16 +45,17 @@ from dataclasses import dataclass
 import torch
 import comfy.patcher_extension as comfy_ext
 
-from .core import AttentionControlError, UnsupportedModelError
+from .core import AttentionControlError, Run, UnsupportedModelError
 
 log = logging.getLogger("attention_control")
 
 DIT_ROUTER_KEY = "attention_control_dit_router"
+DIT_RUN_KEY = "attention_control_dit_run"
 OVERRIDE_SLOT = "optimized_attention_override"
 WRAPPER_KEY = "attention_control_dit"
 
 __all__ = ["attach_dit", "get_dit_router", "detect_family", "DitSite", "DitCall", "DitController", "DitRouter",
-           "DitOverride", "SUPPORTED_DIT_FAMILIES", "DIT_ROUTER_KEY"]
+           "DitOverride", "DitGeometry", "SUPPORTED_DIT_FAMILIES", "DIT_ROUTER_KEY", "DIT_RUN_KEY", "is_dit"]
 
 # diffusion-model class (module, name) -> family; exact classes only (subclasses such as Wan's VACE or
 # camera models add calls the schedules below do not describe)
@@ -91,6 +92,7 @@ class DitSite:
     heads: int
     layout: str
     ids_from: str
+    depth: tuple | None = None          # (k, n): place among the model's n main blocks; None for refiners
 
     @property
     def block(self) -> tuple:
@@ -146,28 +148,107 @@ def call_schedule(family: str, dm) -> tuple:
     return tuple(out)
 
 
+@dataclass(frozen=True)
+class DitGeometry:
+    """Where text and image tokens sit in the sequences of one model call (from its inputs).
+
+    grid: (frames, rows, columns) of image tokens after patching (frames 1 for images); n_image
+    their number; context_len: tokens of the context (c_crossattn) the model received; text_len:
+    text tokens of a joint sequence (context_len plus SD3's register tokens, which come first, or
+    Lumina 2 / Z-Image's padding to a token multiple, which comes after); word_offset: where
+    context token 0 sits among the text tokens (SD3's register count, else 0)."""
+    grid: tuple
+    n_image: int
+    context_len: int
+    text_len: int
+    word_offset: int = 0
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-int(a) // int(b))
+
+
+def model_call_geometry(family: str, dm, x: torch.Tensor, context) -> DitGeometry | None:
+    """The geometry of one model call of `family`'s diffusion model `dm` on latent `x` with
+    `context`; None where the inputs do not have the expected shape."""
+    if context is None or not torch.is_tensor(context) or context.ndim != 3:
+        return None
+    ps = getattr(dm, "patch_size", 1)
+    ps = tuple(ps) if isinstance(ps, (tuple, list)) else (1, ps, ps)
+    if len(ps) == 2:
+        ps = (1,) + ps
+    if x.ndim == 5:
+        f, h, w = x.shape[-3:]
+    elif x.ndim == 4:
+        f, (h, w) = 1, x.shape[-2:]
+    else:
+        return None
+    grid = (_ceil_div(f, ps[0]), _ceil_div(h, ps[1]), _ceil_div(w, ps[2]))
+    ctx = int(context.shape[1])
+    text_len, offset = ctx, 0
+    if family == "SD3":
+        offset = int(getattr(dm, "register_length", 0) or 0)
+        text_len = ctx + offset
+    elif family in ("Lumina 2", "Z-Image"):
+        m = getattr(dm, "pad_tokens_multiple", None)
+        if m:
+            text_len = _ceil_div(ctx, m) * m
+    return DitGeometry(grid, grid[0] * grid[1] * grid[2], ctx, text_len, offset)
+
+
 class DitController:
-    """Base class of what acts on DiT attention calls: override `attend`; `wants` filters sites."""
+    """Base class of what acts on DiT attention calls: override `attend`; `wants` filters sites.
+
+    `selector` (a DitLayerSelector) chooses the blocks; `streams` the streams acted on (empty: any).
+    `validate(router)` runs when the controller is attached (an empty layer choice is an error that
+    lists the model's blocks); `begin_run(run)` before the first step of a sampling run (raise
+    AttentionControlError on a configuration the run cannot take), `end_run(run, ok)` after it.
+    Controllers that act on whole model calls set `wraps_model` and override `apply_model`
+    (the UNet controllers' signature: apply(x) -> output of the rest)."""
     name = "dit controller"
+    selector = None
+    streams: frozenset = frozenset()
+    wraps_model = False
 
     def __deepcopy__(self, memo):
         return self
 
+    def validate(self, router: "DitRouter") -> None:
+        if self.selector is not None:
+            self.selector.select(router.blocks, input_name=f"{self.name} layers")
+
     def wants(self, site: DitSite) -> bool:
-        return True
+        if self.streams and site.stream not in self.streams:
+            return False
+        if self.selector is None:
+            return True
+        return self.selector.matches(site.block_type, site.block_index, site.depth)
+
+    def begin_run(self, run) -> None:
+        pass
+
+    def end_run(self, run, ok: bool) -> None:
+        pass
 
     def attend(self, call: "DitCall"):
         """None to pass, or the attention output (the layout `call.default()` returns)."""
         return None
 
+    def apply_model(self, apply, x, sigma, run, cond_or_uncond, options=None):
+        return apply(x)
+
 
 class DitRouter:
     """An immutable stack of DiT controllers over one model's family and call schedule."""
 
-    def __init__(self, family: str, schedule: tuple, controllers: tuple = ()):
+    def __init__(self, family: str, schedule: tuple, controllers: tuple = (), dm=None):
         self.family = family
         self.schedule = schedule
         self.controllers = tuple(controllers)
+        self.blocks = tuple(dict.fromkeys((t, i) for t, i, _ in schedule))
+        main = [b for b in self.blocks if b[0] not in ("context_refiner", "noise_refiner")]
+        self.depth = {b: (k, len(main)) for k, b in enumerate(main)}
+        self.dm = dm
         self._warned = set()
 
     def __deepcopy__(self, memo):
@@ -178,44 +259,104 @@ class DitRouter:
             self._warned.add(tag)
             log.warning(msg, *args)
 
+    def begin_run(self, run) -> None:
+        for c in self.controllers:
+            c.begin_run(run)
+
+    def end_run(self, run, ok: bool) -> None:
+        for c in self.controllers:
+            c.end_run(run, ok)
+
 
 _ARG_NAMES = ("q", "k", "v", "heads", "mask")
 
 
 class DitCall:
     """One attention call as a controller sees it: the site, q / k / v and heads as the model passed
-    them, the mask (or None), the call's transformer_options, and the default attention.
+    them, the mask (or None), the call's transformer_options, the default attention, the sampling
+    run (None outside one) with the call's step and sigma, and where the tokens are:
+
+    - `q_text` / `q_image` and `k_text` / `k_image`: slices of the query and key sequences that hold
+      text and image tokens (None where the stream has none, or where the sequence does not have
+      the length the model call's inputs imply: a patch that adds tokens; controllers that need
+      them stand aside). Tokens after `q_image` / `k_image` (Kontext reference images, padding) are
+      neither. `key_columns(positions)`: the key columns of context token positions.
+    - `grid`: (frames, rows, columns) of the image tokens.
+    - the batch: rows are (chunk, item): one chunk per entry of `cond_or_uncond` (0 cond, 1 uncond;
+      guidance-distilled models sample with one cond chunk), `batch` items per chunk.
 
     A controller that needs the host's fused attention on other tensors uses `default(q, k, v)`;
     calling ComfyUI's `optimized_attention` with this call's transformer_options from `attend` would
     enter the override again (it is the same slot)."""
     __slots__ = ("site", "q", "k", "v", "heads", "mask", "transformer_options", "_override", "_func", "_args",
-                 "_kwargs")
+                 "_kwargs", "run", "step", "sigma", "geometry", "grid", "q_text", "q_image", "k_text", "k_image",
+                 "cond_or_uncond", "batch")
 
     def __init__(self, site, bound, kwargs, override, func, args):
         self.site = site
         self.q, self.k, self.v = bound["q"], bound["k"], bound["v"]
         self.heads = bound["heads"]
         self.mask = bound.get("mask")
-        self.transformer_options = kwargs.get("transformer_options") or {}
+        self.transformer_options = to = kwargs.get("transformer_options") or {}
         self._override, self._func, self._args, self._kwargs = override, func, args, kwargs
-
-    @property
-    def cond_or_uncond(self) -> list:
-        return list(self.transformer_options.get("cond_or_uncond", [0]))
+        self.run = override.run
+        sig = to.get("sigmas")
+        if self.run is not None and sig is not None:
+            self.step, self.sigma = self.run.step_of(sig)
+        else:
+            self.step, self.sigma = 0, (float(sig.flatten()[0]) if torch.is_tensor(sig) else None)
+        self.cond_or_uncond = list(to.get("cond_or_uncond", [0]))
+        self.batch = max(int(self.q.shape[0]) // max(len(self.cond_or_uncond), 1), 1)
+        g = self.geometry = override.geometry
+        self.grid = g.grid if g is not None else None
+        self.q_text = self.q_image = self.k_text = self.k_image = None
+        if g is not None:
+            nq = self.q.shape[2] if site.layout == "bhnd" else self.q.shape[1]
+            nk = self.k.shape[2] if site.layout == "bhnd" else self.k.shape[1]
+            self.q_text, self.q_image = _stream_slices(site.stream, g, nq, query=True)
+            self.k_text, self.k_image = _stream_slices(site.stream, g, nk, query=False)
 
     @property
     def sigmas(self):
         return self.transformer_options.get("sigmas")
 
-    def default(self, q=None, k=None, v=None):
+    @property
+    def located(self) -> bool:
+        """Whether the text and image tokens of this call are where the model call's inputs say."""
+        return self.q_image is not None or self.q_text is not None
+
+    def key_columns(self, positions) -> list[int]:
+        """Key columns of context token positions (0 = the first context token)."""
+        if self.k_text is None:
+            raise AttentionControlError(f"{self.site.label()}: this call has no text keys")
+        off = self.k_text.start + (self.geometry.word_offset if self.site.stream == "joint" else 0)
+        return [off + int(p) for p in positions]
+
+    def chunk(self, j: int) -> slice:
+        return slice(j * self.batch, (j + 1) * self.batch)
+
+    def cond_chunks(self) -> list[int]:
+        return [j for j, c in enumerate(self.cond_or_uncond) if c == 0]
+
+    def uncond_chunks(self) -> list[int]:
+        return [j for j, c in enumerate(self.cond_or_uncond) if c == 1]
+
+    def cond_rows(self) -> list[int]:
+        return [j * self.batch + i for j in self.cond_chunks() for i in range(self.batch)]
+
+    def default(self, q=None, k=None, v=None, mask=...):
         """The attention this call runs without our controllers (the previous override, else the
-        host's function), on the call's own tensors or on the ones given (same shapes and layout)."""
+        host's function), on the call's own tensors or on the ones given (same layout), with the
+        call's mask or `mask` (None for no mask; a bool or additive float mask broadcastable to
+        (B, H, Nq, Nk))."""
         args, kwargs = self._args, self._kwargs
-        if q is not None or k is not None or v is not None:
+        repl = [(i, name, t) for i, (name, t) in enumerate((("q", q), ("k", k), ("v", v)))]
+        if mask is not ...:
+            repl.append((4, "mask", mask))
+        if any(t is not None for _, n, t in repl if n != "mask") or mask is not ...:
             args, kwargs = list(args), dict(kwargs)
-            for i, (name, t) in enumerate((("q", q), ("k", k), ("v", v))):
-                if t is None:
+            for i, name, t in repl:
+                if t is None and name != "mask":
                     continue
                 if i < len(args):
                     args[i] = t
@@ -227,6 +368,8 @@ class DitCall:
         """q, k or v of this call as (B, H, N, D), whatever the family's layout."""
         if self.site.layout == "bhnd":
             return t
+        if t.ndim == 4:                      # SD3's v arrives as (B, N, H, D)
+            return t.transpose(1, 2)
         b, n = t.shape[0], t.shape[1]
         return t.reshape(b, n, self.heads, -1).transpose(1, 2)
 
@@ -239,13 +382,32 @@ class DitCall:
         return o.transpose(1, 2).reshape(b, n, h * d)
 
 
+def _stream_slices(stream: str, g: DitGeometry, n: int, query: bool):
+    """(text slice, image slice) of a sequence of n tokens of `stream`; (None, None) where n does
+    not fit the geometry."""
+    if stream == "joint":
+        t, i = slice(0, g.text_len), slice(g.text_len, g.text_len + g.n_image)
+        return (t, i) if n >= g.text_len + g.n_image else (None, None)
+    if stream in ("image_self", "image_refiner"):
+        return (None, slice(0, g.n_image)) if n >= g.n_image else (None, None)
+    if stream == "text_refiner":
+        return (slice(0, n), None) if n >= g.context_len else (None, None)
+    if stream == "text_cross":
+        if query:
+            return (None, slice(0, g.n_image)) if n >= g.n_image else (None, None)
+        return (slice(0, n), None) if n == g.context_len else (None, None)
+    return None, None
+
+
 class DitOverride:
     """The callable set in one model call's `optimized_attention_override` slot; `prev` is the
     override that call carried before (run as the default), `calls` counts the attention calls."""
 
-    def __init__(self, router: DitRouter, prev=None):
+    def __init__(self, router: DitRouter, prev=None, run=None, geometry: DitGeometry | None = None):
         self.router = router
         self.prev = prev
+        self.run = run
+        self.geometry = geometry
         self.calls = 0
 
     def __deepcopy__(self, memo):
@@ -273,7 +435,8 @@ class DitOverride:
                              "schedule (%d) lists; calls beyond it get block type 'extra'", router.family, len(sched))
             btype, bidx, stream, src = "extra", n - len(sched), "unknown", "counter"
         heads = bound.get("heads")
-        return DitSite(router.family, btype, bidx, stream, n, int(heads) if heads is not None else 0, layout, src)
+        return DitSite(router.family, btype, bidx, stream, n, int(heads) if heads is not None else 0, layout, src,
+                       router.depth.get((btype, bidx)))
 
     def __call__(self, func, *args, **kwargs):
         n = self.calls
@@ -298,18 +461,56 @@ class DitOverride:
         return self.run_default(func, args, kwargs)
 
 
+def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
+    guider = executor.class_obj
+    to = guider.model_options.setdefault("transformer_options", {})
+    router = to.get(DIT_ROUTER_KEY)
+    if router is None or not router.controllers:
+        return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+    run = Run(router, noise.shape, sigmas, getattr(guider, "conds", None))
+    run.noise = noise
+    run.seed = args[3] if len(args) > 3 else kwargs.get("seed")
+    router.begin_run(run)              # configuration errors surface here, before the first step
+    to[DIT_RUN_KEY] = run
+    ok = False
+    try:
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        ok = True
+        return out
+    finally:
+        to.pop(DIT_RUN_KEY, None)
+        router.end_run(run, ok)
+        run.scratch.clear()
+
+
 def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
                          **kwargs):
     router = transformer_options.get(DIT_ROUTER_KEY)
     if router is None:
         return executor(x, t, c_concat, c_crossattn, control, transformer_options, **kwargs)
+    run = transformer_options.get(DIT_RUN_KEY)
+    if run is not None and run.router is not router:
+        run = None
     prev = transformer_options.get(OVERRIDE_SLOT)
     if isinstance(prev, DitOverride):          # ours from an enclosing call: chain what it chained
         prev = prev.prev
-    ov = DitOverride(router, prev)
+    geom = model_call_geometry(router.family, router.dm, x, c_crossattn) if router.controllers else None
+    ov = DitOverride(router, prev, run, geom)
     to = dict(transformer_options)
     to[OVERRIDE_SLOT] = ov
-    out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
+    ctrls = [c for c in router.controllers if c.wraps_model]
+    if ctrls and run is not None:
+        cou = list(to.get("cond_or_uncond", [0]))
+
+        def run_from(i):
+            if i < 0:
+                return lambda x_: executor(x_, t, c_concat, c_crossattn, control, to, **kwargs)
+            below = run_from(i - 1)
+            return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou, to)
+
+        out = run_from(len(ctrls) - 1)(x)
+    else:
+        out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
     if ov.calls == 0 and router.schedule and router.controllers:
         router.warn_once("silent", "attention_control: the %s model ran a forward in which the DiT attention "
                          "router saw no attention call: another patch replaced transformer_options['%s'] inside "
@@ -326,9 +527,10 @@ def attach_dit(model_patcher, controller: DitController | None = None):
     its stack. The input model is untouched; its `optimized_attention_override`, if any, stays where
     it is and runs as the default. Raises UnsupportedModelError for models of other families."""
     old = get_dit_router(model_patcher)
+    dm = model_patcher.model.diffusion_model
     if old is None:
         family = detect_family(model_patcher)
-        schedule = call_schedule(family, model_patcher.model.diffusion_model)
+        schedule = call_schedule(family, dm)
         controllers = ()
     else:
         family, schedule, controllers = old.family, old.schedule, old.controllers
@@ -336,9 +538,23 @@ def attach_dit(model_patcher, controller: DitController | None = None):
         if not isinstance(controller, DitController):
             raise AttentionControlError(f"controller: {type(controller).__name__} is not a DitController")
         controllers = controllers + (controller,)
+    router = DitRouter(family, schedule, controllers, dm)
+    if controller is not None:
+        controller.validate(router)
     m = model_patcher.clone()
     to = m.model_options.setdefault("transformer_options", {})
-    to[DIT_ROUTER_KEY] = DitRouter(family, schedule, controllers)
+    to[DIT_ROUTER_KEY] = router
+    if not m.get_wrappers(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY):
+        m.add_wrapper_with_key(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
     if not m.get_wrappers(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
     return m
+
+
+def is_dit(model_patcher) -> bool:
+    """Whether a MODEL is one of the DiT families this router reaches."""
+    try:
+        detect_family(model_patcher)
+    except UnsupportedModelError:
+        return False
+    return True

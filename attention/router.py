@@ -41,6 +41,7 @@ RUN_KEY = "attention_control_run"
 GUIDE_KEY = "attention_control_guidance"
 WRAPPER_KEY = "attention_control"
 
+from .dit_router import DitController, attach_dit, is_dit  # noqa: F401  (one router interface)
 from .core import (SUPPORTED_FAMILIES, AttentionControlError, Call, Controller, Router, Run, Site, StopForward,
                    UnsupportedModelError)
 
@@ -407,10 +408,16 @@ def get_router(model_patcher) -> Router | None:
 def attach(model_patcher, controller: Controller):
     """Clone `model_patcher` and add `controller` on top of its router stack (creating the router).
 
+    One entry point for both kinds of host: a `DitController` goes to the DiT router
+    (`dit_router.attach_dit`: the attention-override slot of transformer models), any other
+    controller to the UNet router below.
+
     The input model is untouched, and so are the clone's patches_replace: the router's patches are
     installed per model call (see `_route_patches`), whatever other patches the MODEL gets before or
     after this node. Raises AttentionControlError / UnsupportedModelError before anything is patched.
     """
+    if isinstance(controller, DitController):
+        return attach_dit(model_patcher, controller)
     old = get_router(model_patcher)
     sites = old.sites if old is not None and old.sites else None
     if sites is None:

@@ -17,64 +17,7 @@ import comfy.supported_models
 from attention_control.attention.core import AttentionControlError, UnsupportedModelError
 from attention_control.attention.dit_router import (DIT_ROUTER_KEY, DitController, DitOverride, SUPPORTED_DIT_FAMILIES,
                                                     attach_dit, detect_family, get_dit_router)
-from devtools.tiny_checkpoint import _fill_random
-
-# DESIGN.md section 8 configs
-CONFIGS = {
-    "Flux": ("Flux", dict(
-        image_model="flux", in_channels=16, out_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=64,
-        mlp_ratio=2.0, num_heads=2, depth=2, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2,
-        qkv_bias=True, guidance_embed=True)),
-    "Flux.2": ("Flux2", dict(
-        image_model="flux2", in_channels=128, out_channels=128, vec_in_dim=None, context_in_dim=32, hidden_size=64,
-        mlp_ratio=3.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 8, 8, 8], theta=2000, patch_size=1,
-        qkv_bias=False, guidance_embed=True, global_modulation=True, mlp_silu_act=True, ops_bias=False,
-        default_ref_method="index", ref_index_scale=10.0)),
-    "Chroma": ("Chroma", dict(
-        image_model="chroma", in_channels=64, out_channels=64, context_in_dim=32, hidden_size=64, mlp_ratio=2.0,
-        num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=10000, patch_size=2, qkv_bias=True,
-        in_dim=64, out_dim=64, hidden_dim=32, n_layers=1)),
-    "SD3": ("SD3", dict(
-        in_channels=16, out_channels=16, patch_size=2, depth=2, adm_in_channels=32, pos_embed_scaling_factor=None,
-        pos_embed_max_size=16, context_embedder_config={"target": "torch.nn.Linear",
-                                                        "params": {"in_features": 32, "out_features": 128}},
-        num_patches=256, qk_norm=None)),
-    "Wan": ("WAN21_T2V", dict(
-        image_model="wan2.1", model_type="t2v", dim=64, ffn_dim=128, num_heads=2, num_layers=2, in_dim=16,
-        out_dim=16, text_dim=32, freq_dim=256, patch_size=(1, 2, 2), window_size=(-1, -1), qk_norm=True,
-        cross_attn_norm=True, eps=1e-6)),
-    "Qwen-Image": ("QwenImage", dict(
-        image_model="qwen_image", in_channels=64, out_channels=16, num_layers=2, attention_head_dim=32,
-        num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(8, 12, 12))),
-    "Lumina 2": ("Lumina2", dict(
-        image_model="lumina2", patch_size=2, in_channels=16, dim=64, n_layers=2, n_refiner_layers=1, n_heads=2,
-        n_kv_heads=2, cap_feat_dim=32, qk_norm=True, axes_dims=[8, 12, 12], axes_lens=[300, 64, 64],
-        multiple_of=16)),
-}
-CONFIGS["Z-Image"] = ("ZImage", dict(CONFIGS["Lumina 2"][1], rope_theta=256.0, ffn_dim_multiplier=8 / 3,
-                                     z_image_modulation=True, time_scale=1000.0, dim=256, axes_dims=[32, 48, 48]))
-
-TXT = 7    # text tokens of every test context
-
-
-def _inputs(family: str, g: torch.Generator) -> tuple[torch.Tensor, dict]:
-    """(latent x, extra conds as the model's extra_conds would give them) per family."""
-    ctx = torch.randn(1, TXT, 32, generator=g)
-    if family == "Flux":
-        return torch.randn(1, 16, 16, 16, generator=g), dict(c_crossattn=ctx, y=torch.randn(1, 16, generator=g),
-                                                            guidance=torch.tensor([3.5]))
-    if family == "Flux.2":
-        return torch.randn(1, 128, 8, 8, generator=g), dict(c_crossattn=ctx, guidance=torch.tensor([3.5]))
-    if family == "Chroma":
-        return torch.randn(1, 16, 16, 16, generator=g), dict(c_crossattn=ctx, guidance=torch.tensor([0.0]))
-    if family == "SD3":
-        return torch.randn(1, 16, 16, 16, generator=g), dict(c_crossattn=ctx, y=torch.randn(1, 32, generator=g))
-    if family == "Wan":
-        return torch.randn(1, 16, 2, 8, 8, generator=g), dict(c_crossattn=ctx)
-    if family == "Qwen-Image":
-        return torch.randn(1, 16, 1, 16, 16, generator=g), dict(c_crossattn=ctx)
-    return torch.randn(1, 16, 16, 16, generator=g), dict(c_crossattn=ctx, num_tokens=TXT)
-
+from ac_dit import CONFIGS, FAMILIES, SAMPLE_CONDS, TXT, Tiny, build, forward, sample
 
 # (block_type, block_index, stream) of each call, in order, and where the ids come from
 EXPECTED = {
@@ -95,53 +38,6 @@ TOKENS = {"joint": (TXT + 64, TXT + 64), "image_self": (32, 32), "text_cross": (
           "text_refiner": (TXT, TXT), "image_refiner": (64, 64)}
 LAYOUT = {"Flux": "bhnd", "Flux.2": "bhnd", "Chroma": "bhnd", "SD3": "bnc", "Wan": "bnc", "Qwen-Image": "bhnd", "Lumina 2": "bhnd",
           "Z-Image": "bhnd"}
-
-FAMILIES = tuple(CONFIGS)
-
-
-def build(cls_name: str, cfg: dict, seed: int = 1717):
-    """A tiny random model of `comfy.supported_models.<cls_name>(cfg)`, float32, in a ModelPatcher."""
-    mc = getattr(comfy.supported_models, cls_name)(dict(cfg))
-    mc.set_inference_dtype(torch.float32, None)
-    model = mc.get_model({})
-    _fill_random(model, seed)
-    # buffers a checkpoint would fill: SD3's pos_embed is created with torch.empty (uninitialised
-    # memory: NaN in some runs); the sampling buffers (model_sampling.sigmas) are computed
-    g = torch.Generator().manual_seed(seed + 1)
-    with torch.no_grad():
-        for _, b in sorted(model.diffusion_model.named_buffers(), key=lambda t: t[0]):
-            if b.is_floating_point():
-                b.copy_(0.1 * torch.randn(b.shape, generator=g))
-    model.eval()
-    return comfy.model_patcher.ModelPatcher(
-        model, load_device=comfy.model_management.get_torch_device(), offload_device=torch.device("cpu"))
-
-
-class Tiny:
-    def __init__(self, family, **config):
-        cls_name, cfg = CONFIGS[family]
-        self.family = family
-        self.patcher = build(cls_name, dict(cfg, **config))
-        self.x, self.conds = _inputs(family, torch.Generator().manual_seed(5))
-        self.baseline = forward(self.patcher, self.x, self.conds)
-        assert torch.isfinite(self.baseline).all()
-
-
-def forward(patcher, x, conds, sigma=0.6):
-    """One model call as the sampler makes it: transformer_options from the MODEL's model_options
-    (copied, wrappers merged in as prepare_model_patcher does), the per-call keys of calc_cond_batch,
-    then BaseModel.apply_model (APPLY_MODEL wrappers, then the diffusion model's forward)."""
-    mo = comfy.model_patcher.create_model_options_clone(patcher.model_options)
-    to = mo.setdefault("transformer_options", {})
-    comfy.patcher_extension.merge_nested_dicts(to.setdefault("wrappers", {}), patcher.wrappers, copy_dict1=False)
-    to = comfy.patcher_extension.merge_nested_dicts({}, to, copy_dict1=False)
-    sig = torch.tensor([sigma])
-    to["cond_or_uncond"] = [0]
-    to["uuids"] = [None]
-    to["sigmas"] = sig
-    with torch.inference_mode():
-        return patcher.model.apply_model(x, sig, transformer_options=to, **conds)
-
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
@@ -387,14 +283,6 @@ def test_sd35_image_self_attention_in_schedule():
     assert [q[1] for _, q, *_ in rec.seen] == [TXT + 64, 64, TXT + 64]
 
 
-SAMPLE_CONDS = {   # positive / negative conditioning extras per family for comfy.sample.sample
-    "Flux": lambda g: {"pooled_output": torch.randn(1, 16, generator=g), "guidance": 3.5},
-    "SD3": lambda g: {"pooled_output": torch.randn(1, 32, generator=g)},
-    "Wan": lambda g: {},
-    "Lumina 2": lambda g: {},
-}
-
-
 @pytest.mark.parametrize("family", tuple(SAMPLE_CONDS))
 def test_sampling_with_cfg(family):
     """A real KSampler run with cfg > 1 (uncond and cond batched in one model call): the router with a
@@ -436,3 +324,144 @@ def test_wan_i2v_clip_image_cross_in_schedule():
     assert [(s.block_type, s.block_index, s.stream, k[1]) for s, _, k, _ in rec.seen] == [
         (b, i, st, n) for i in range(2)
         for b, st, n in (("block", "image_self", 32), ("block", "clip_image_cross", 257), ("block", "text_cross", TXT))]
+
+
+# --------------------------------------------------------------------------------------------
+# where the tokens are, the batch layout, the sampling run
+
+class Where(DitController):
+    """Records each call's token slices, grid, batch layout, step and sigma, and its keys."""
+    name = "where"
+
+    def __init__(self, **kw):
+        self.seen = []
+        self.runs = []
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+    def begin_run(self, run):
+        self.runs.append(["begin", run.n_steps, run.latent_shape])
+
+    def end_run(self, run, ok):
+        self.runs.append(["end", ok])
+
+    def attend(self, call):
+        self.seen.append(dict(site=call.site, q_text=call.q_text, q_image=call.q_image, k_text=call.k_text,
+                              k_image=call.k_image, grid=call.grid, batch=call.batch, cou=call.cond_or_uncond,
+                              step=call.step, sigma=call.sigma, run=call.run, k=call.split_heads(call.k).clone()))
+        return None
+
+
+def _image_count(family):
+    return 32 if family == "Wan" else 64
+
+
+def test_token_slices_per_family(tiny):
+    """Text tokens first in joint sequences, then the image tokens of the latent's grid; image-only
+    and text-only streams hold one kind; Wan's cross-attention keys are the text."""
+    w = Where()
+    forward(attach_dit(tiny.patcher, w), tiny.x, tiny.conds)
+    n_img = _image_count(tiny.family)
+    grid = (2, 4, 4) if tiny.family == "Wan" else (1, 8, 8)
+    for s in w.seen:
+        st = s["site"].stream
+        assert s["grid"] == grid and s["batch"] == 1
+        if st == "joint":
+            assert (s["q_text"], s["q_image"]) == (slice(0, TXT), slice(TXT, TXT + n_img))
+            assert (s["k_text"], s["k_image"]) == (slice(0, TXT), slice(TXT, TXT + n_img))
+        elif st in ("image_self", "image_refiner"):
+            assert (s["q_text"], s["q_image"], s["k_text"], s["k_image"]) == (None, slice(0, n_img), None,
+                                                                            slice(0, n_img))
+        elif st == "text_cross":
+            assert (s["q_text"], s["q_image"], s["k_text"], s["k_image"]) == (None, slice(0, n_img),
+                                                                            slice(0, TXT), None)
+        else:
+            assert st == "text_refiner" and (s["q_text"], s["q_image"]) == (slice(0, TXT), None)
+
+
+def test_text_slice_holds_the_text(tiny):
+    """In the first joint block (or Wan's first cross-attention) the text keys depend on the context
+    only: another latent changes the image keys and leaves the text keys bit for bit."""
+    first = {}
+    for x in (tiny.x, tiny.x + 1.0):
+        w = Where()
+        forward(attach_dit(tiny.patcher, w), x, tiny.conds)
+        s = next(s for s in w.seen if s["site"].stream in ("joint", "text_cross"))
+        first.setdefault("k", []).append((s["k"][:, :, s["k_text"]], s["k"][:, :, s["k_image"]]
+                                          if s["k_image"] is not None else None))
+    (t0, i0), (t1, i1) = first["k"]
+    assert torch.equal(t0, t1)
+    if i0 is not None:
+        assert not torch.equal(i0, i1)
+
+
+def test_padded_and_registered_text():
+    """Z-Image pads the caption to a multiple of 32 tokens (real checkpoints' config) and SD3 may put
+    register tokens before the context: the slices follow, and key_columns maps context positions."""
+    t = Tiny("Z-Image", pad_tokens_multiple=32)
+    w = Where()
+    assert torch.equal(forward(attach_dit(t.patcher, w), t.x, t.conds), t.baseline)
+    joint = [s for s in w.seen if s["site"].stream == "joint"]
+    assert joint and all((s["q_text"], s["q_image"]) == (slice(0, 32), slice(32, 96)) for s in joint)
+
+    class Cols(Where):
+        def attend(self, call):
+            self.seen.append(call.key_columns([0, 3]))
+
+    t = Tiny("SD3", register_length=2)
+    c = Cols()
+    forward(attach_dit(t.patcher, c), t.x, t.conds)
+    assert c.seen == [[2, 5], [2, 5]]
+
+
+def test_reference_image_tokens_are_not_the_image():
+    """Flux Kontext appends the reference latents' tokens after the image: the image slice stays the
+    sampled latent's grid."""
+    t = Tiny("Flux")
+    w = Where()
+    forward(attach_dit(t.patcher, w), t.x, dict(t.conds, ref_latents=[torch.randn(1, 16, 8, 8)]))
+    assert all(s["q_image"] == slice(TXT, TXT + 64) and s["k_image"] == slice(TXT, TXT + 64) for s in w.seen)
+
+
+def test_sampling_run_lifecycle():
+    """Inside a sampling run each call knows its step and sigma and the batch layout (cond and
+    uncond chunks, two latents per chunk); begin_run / end_run frame the run; no run leaks out."""
+    t = Tiny("Flux")
+    g = torch.Generator().manual_seed(3)
+    pos = [[torch.randn(1, TXT, 32, generator=g), SAMPLE_CONDS["Flux"](g)]]
+    neg = [[torch.randn(1, TXT, 32, generator=g), SAMPLE_CONDS["Flux"](g)]]
+    latent = torch.zeros(2, 16, 16, 16)
+    noise = torch.randn(latent.shape, generator=g)
+    w = Where()
+    m = attach_dit(t.patcher, w)
+    ref = sample(t.patcher, noise, pos, neg, latent, steps=3)
+    assert torch.equal(sample(m, noise, pos, neg, latent, steps=3), ref)
+    assert w.runs == [["begin", 3, (2, 16, 16, 16)], ["end", True]]
+    per_call = len(EXPECTED["Flux"][0])
+    assert len(w.seen) == 3 * per_call
+    assert [s["step"] for s in w.seen] == [i for i in range(3) for _ in range(per_call)]
+    sig = [s["sigma"] for s in w.seen[::per_call]]
+    assert sig[0] > sig[1] > sig[2] > 0
+    assert all(s["batch"] == 2 and sorted(s["cou"]) == [0, 1] and s["run"] is not None for s in w.seen)
+    w.seen.clear()
+    forward(m, t.x, t.conds)                      # a model call outside any run
+    assert w.seen and all(s["run"] is None and s["step"] == 0 for s in w.seen)
+
+
+def test_layer_selection_on_controllers():
+    """A controller's DitLayerSelector picks its blocks (depth fractions over the main blocks); a
+    choice that matches nothing fails at attach time, listing the model's blocks."""
+    from attention_control.attention.dit_layers import DitLayerSelector
+    t = Tiny("Flux")
+    for text, want in (("single", [("single", 0), ("single", 1)]), ("double:1", [("double", 1)]),
+                       ("0.5-1.0", [("single", 0), ("single", 1)]), ("all", None)):
+        w = Where(selector=DitLayerSelector.parse(text))
+        forward(attach_dit(t.patcher, w), t.x, t.conds)
+        got = [s["site"].block for s in w.seen]
+        assert got == (want or [(b, i) for b, i, _ in EXPECTED["Flux"][0]]), text
+    with pytest.raises(AttentionControlError, match=r"double:0-1, single:0-1"):
+        attach_dit(t.patcher, Where(selector=DitLayerSelector.parse("double:5-9")))
+    z = Tiny("Lumina 2")
+    w = Where(selector=DitLayerSelector.parse("refiner"))
+    forward(attach_dit(z.patcher, w), z.x, z.conds)
+    assert [s["site"].stream for s in w.seen] == ["text_refiner", "image_refiner"]
