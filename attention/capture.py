@@ -29,12 +29,14 @@ class AttentionMaps:
         self.layers: list[str] = []
         self.fired: dict = {}
         self.runs = 0
+        self.frames = 1            # latent frames per item (video DiTs: maps are frames x items rows)
 
     def __deepcopy__(self, memo):
         return self
 
-    def publish(self, maps, step_maps, latent_hw, layers, fired) -> None:
+    def publish(self, maps, step_maps, latent_hw, layers, fired, frames: int = 1) -> None:
         self.maps = maps
+        self.frames = int(frames)
         self.step_maps = step_maps
         self.latent_hw = tuple(latent_hw)
         self.layers = list(layers)

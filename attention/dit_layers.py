@@ -123,3 +123,19 @@ def describe_blocks(blocks) -> str:
         span = f"{idx[0]}-{idx[-1]}" if len(idx) > 1 else f"{idx[0]}"
         parts.append(f"{t}:{span}" + ("" if idx == list(range(idx[0], idx[-1] + 1)) else " (with gaps)"))
     return ", ".join(parts) if parts else "no attention blocks"
+
+
+def check_layer_text(text: str, input_name: str = "layers") -> None:
+    """Widget-time check of a layers text that may go to a UNet or a DiT model (the model is not
+    known in validate_inputs): it must parse in one of the two syntaxes; the error gives both."""
+    from .core import LayerSelector
+    try:
+        LayerSelector.parse(text, input_name)
+        return
+    except AttentionControlError as unet_err:
+        try:
+            DitLayerSelector.parse(text, input_name)
+            return
+        except AttentionControlError as dit_err:
+            raise AttentionControlError(f"{unet_err} (UNet models), or {str(dit_err).split('; ', 1)[-1]} "
+                                        "(DiT models)") from None

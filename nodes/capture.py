@@ -7,6 +7,9 @@ from comfy_api.latest import io
 from ..attention import maps as M
 from ..attention.capture import AttentionMaps, CaptureController
 from ..attention.core import AttentionControlError, LayerSelector
+from ..attention.dit_capture import DitCaptureController
+from ..attention.dit_layers import DitLayerSelector, check_layer_text
+from ..attention.dit_router import is_dit
 from ..attention.router import attach
 from ..attention.tokens import parse_word_list
 from .common import CATEGORY, check_widgets, resolve_words, validation_result
@@ -22,7 +25,9 @@ class CaptureAttention(io.ComfyNode):
             display_name="Capture Attention Maps",
             category=f"{CATEGORY}/capture",
             description="Patches the model so that sampling records per-word cross-attention maps "
-                        "(DAAM-style): running sums over the chosen layers, heads and steps, cond rows only.",
+                        "(DAAM-style): running sums over the chosen layers, heads and steps, cond rows only. "
+                        "On DiT models: the image tokens' attention on the word tokens in joint attention "
+                        "(softmax over all text and image keys), one map per latent frame for video.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to sample with; it is cloned, the input stays unpatched."),
                 io.Clip.Input("clip", tooltip="The CLIP used to encode the prompt; its tokenizer locates the words."),
@@ -32,8 +37,11 @@ class CaptureAttention(io.ComfyNode):
                                 tooltip="Words or phrases of the prompt to capture, comma-separated. Multi-token "
                                         "words sum their tokens. '#5' or '#5+6' gives token indices (0 = start token)."),
                 io.String.Input("layers", default="all",
-                                tooltip="Layers to average: all, down, mid, up, map sides at the sampled size "
-                                        "(e.g. 16,32) or downscale factors (1/4), comma-separated."),
+                                tooltip="Layers to average. UNet models: all, down, mid, up, map sides at the "
+                                        "sampled size (e.g. 16,32) or downscale factors (1/4). DiT models (Flux, "
+                                        "SD3, Qwen-Image, Wan, Lumina 2, Z-Image...): all, double, single, joint, "
+                                        "block, layer, ranges such as double:0-9, or depth fractions such as "
+                                        "0.5-1.0. Comma-separated."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01,
                                tooltip="First fraction of the sampling steps to include."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
@@ -55,8 +63,12 @@ class CaptureAttention(io.ComfyNode):
         check_capture_widgets(locals())
         specs, prompt_len = resolve_words(clip, prompt, words)
         handle = AttentionMaps([s.label for s in specs])
-        ctrl = CaptureController(specs, prompt_len, handle, LayerSelector.parse(layers),
-                                 start_percent, end_percent, keep_per_step)
+        if is_dit(model):
+            ctrl = DitCaptureController(specs, prompt_len, handle, DitLayerSelector.parse(layers),
+                                        start_percent, end_percent, keep_per_step)
+        else:
+            ctrl = CaptureController(specs, prompt_len, handle, LayerSelector.parse(layers),
+                                     start_percent, end_percent, keep_per_step)
         return io.NodeOutput(attach(model, ctrl), handle)
 
 
@@ -65,11 +77,30 @@ def check_capture_widgets(values: dict) -> None:
     if values.get("words") is not None and not parse_word_list(values["words"]):
         raise AttentionControlError("words: give at least one word of the prompt (comma-separated)")
     if values.get("layers") is not None:
-        LayerSelector.parse(values["layers"])
+        check_layer_text(values["layers"])
     a, b = values.get("start_percent"), values.get("end_percent")
     if a is not None and b is not None and not a < b:
         raise AttentionControlError(f"start_percent: {a:g} is not below end_percent {b:g}, so no step would be "
                                     "captured; use start_percent < end_percent")
+
+
+def video_frame_rows(items: int, latent_frames: int, n_images: int) -> torch.Tensor:
+    """Map rows for the decoded frames of `items` videos of `latent_frames` latent frames each.
+    Wan-style VAEs decode latent frame 0 to one frame and each later one to the same number of
+    frames (4 for Wan 2.1: 4(T-1)+1 frames); another count is spread evenly."""
+    per_item = n_images // max(items, 1)
+    if per_item * items != n_images or per_item < latent_frames:
+        raise ValueError(f"image: {n_images} frames do not split into {items} videos of at least "
+                         f"{latent_frames} frames (the captured run had {latent_frames} latent frames per video)")
+    rows = []
+    for i in range(items):
+        for f in range(per_item):
+            if latent_frames > 1 and (per_item - 1) % (latent_frames - 1) == 0:
+                lf = 0 if f == 0 else 1 + (f - 1) // ((per_item - 1) // (latent_frames - 1))
+            else:
+                lf = min(f * latent_frames // per_item, latent_frames - 1)
+            rows.append(i * latent_frames + lf)
+    return torch.tensor(rows, dtype=torch.long)
 
 
 def _latent_rgb_size(latent, image):
@@ -123,10 +154,18 @@ class AttentionHeatmap(io.ComfyNode):
         else:
             frames = [maps]
         H, W = _latent_rgb_size(latent, image)
-        norm_all = [M.normalize(f) for f in frames]                    # each (B, W, h, w)
         b = maps.shape[0]
+        n_frames = max(int(getattr(attn_maps, "frames", 1) or 1), 1)
+        if image is not None and n_frames > 1 and image.shape[0] not in (1, b):
+            # video: maps are (items x latent frames) rows; each decoded frame takes the map of the
+            # latent frame it comes from
+            idx = video_frame_rows(b // n_frames, n_frames, image.shape[0])
+            frames = [f.index_select(0, idx) for f in frames]
+            b = image.shape[0]
         if image is not None and image.shape[0] not in (1, b):
-            raise ValueError(f"image: batch of {image.shape[0]} does not match the {b} captured items")
+            raise ValueError(f"image: batch of {image.shape[0]} does not match the {b} captured items"
+                             + (f" ({b // n_frames} videos x {n_frames} latent frames)" if n_frames > 1 else ""))
+        norm_all = [M.normalize(f) for f in frames]                    # each (B, W, h, w)
         out_img, out_mask = [], []
         for norm in norm_all:
             for i in range(b):
