@@ -6,11 +6,12 @@ the joint sequence (text and image keys), averaged over heads; on Wan's text cro
 are the text alone. Maps are taken on the cond rows only, accumulated as on UNets (running sums at
 the model's token grid, optionally one per step), so memory does not grow with steps.
 
-Never materialised: the (text + image)^2 probability matrix. Per query chunk we compute the scores
-of the chunk against all keys (chunk x K per head, sized by `chunk_budget`), the row normaliser
-(logsumexp over K) and keep only the asked words' columns: exp(s[:, cols] - lse), summed per word.
-Any mask the call carries (Flux `attention_mask`, Lumina caption padding) is applied to the scores
-as the host's attention applies it (bool: keep where True; float: added).
+Never materialised: the (text + image)^2 probability matrix. A word's mass is the attention output
+for a value matrix that is 1 on the word's key columns (see `joint_word_maps`): one fused attention
+call (torch SDPA: the softmax normaliser is computed tile by tile inside the kernel) on the cond
+rows' image queries gives all words at once. Any mask the call carries (Flux `attention_mask`,
+Lumina caption padding) is applied as the host's attention applies it (bool: keep where True;
+float: added to the scores).
 
 Video (Wan, frames > 1): one map per latent frame, published as frames x items rows
 (`AttentionMaps.frames`).
@@ -18,6 +19,7 @@ Video (Wan, frames > 1): one map per latent frame, published as frames x items r
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .capture import AttentionMaps, WordSpec
 from .core import AttentionControlError, Run
@@ -26,12 +28,13 @@ from .maps import MapAccumulator, token_columns
 
 __all__ = ["DitCaptureController", "joint_word_maps"]
 
-# elements of one score block (queries x keys x heads x rows) per chunk: 8 M floats = 32 MB
-CHUNK_BUDGET = 8 * 1024 * 1024
+# score elements (rows x heads x queries x keys) per attention call, were a backend to form them: 64 M
+CHUNK_BUDGET = 64 * 1024 * 1024
 
 
-def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
-    """The host's mask as an additive score bias broadcastable to (B, H, Nq, Nk)."""
+def _query_mask(mask: torch.Tensor | None, q_rows: slice, n_q: int) -> torch.Tensor | None:
+    """The host's mask (bool: keep where True; float: added to the scores), broadcastable to
+    (B, H, Nq, Nk) as the host broadcasts it, restricted to the query rows `q_rows`."""
     if mask is None:
         return None
     m = mask
@@ -39,9 +42,9 @@ def _additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
         m = m.unsqueeze(0)
     if m.ndim == 3:
         m = m.unsqueeze(1)
-    if m.dtype == torch.bool:
-        return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
-    return m.to(dtype)
+    if m.shape[-2] == n_q:
+        m = m[..., q_rows, :]
+    return m if m.dtype == torch.bool else m.float()
 
 
 def joint_word_maps(q: torch.Tensor, k: torch.Tensor, q_rows: slice, columns: list[list[int]],
@@ -49,32 +52,33 @@ def joint_word_maps(q: torch.Tensor, k: torch.Tensor, q_rows: slice, columns: li
     """Word maps of a (B, H, N, D) attention call: for each query in `q_rows`, the softmax mass over
     all keys of k that falls on each word's columns, mean over heads. float32 (B, W, len(q_rows)).
 
-    Scores are computed in query chunks of at most `chunk_budget` elements (B x H x chunk x K); the
-    probability matrix is never formed beyond one chunk's word columns."""
-    b, h, _, d = q.shape
+    The mass of word w is the attention output for a value matrix that is 1 on w's key columns and 0
+    elsewhere, so one fused attention call (flash / memory-efficient SDPA: the scores exist one tile
+    at a time) gives every word at once. The indicator values are padded to the head dimension D
+    (the fused kernels need equal q / v widths; with fewer columns torch falls back to the math path,
+    which forms the score matrix), D words per call. Queries go in chunks of at most `chunk_budget`
+    score elements (B x H x chunk x K), a bound for backends without a fused kernel."""
+    b, h, n_all, d = q.shape
     kk = k.shape[2]
-    qi = q[:, :, q_rows]
+    qi = q[:, :, q_rows].float()
     n = qi.shape[2]
-    scale = d ** -0.5
-    flat = [c for cols in columns for c in cols]
-    owner = torch.tensor([w for w, cols in enumerate(columns) for _ in cols], device=q.device)
-    bias = _additive(mask, torch.float32)
     kf = k.float()
+    bias = _query_mask(mask, q_rows, n_all)
     out = torch.zeros(b, len(columns), n, dtype=torch.float32, device=q.device)
     step = max(1, min(n, chunk_budget // max(b * h * kk, 1)))
-    for a in range(0, n, step):
-        z = min(a + step, n)
-        s = torch.matmul(qi[:, :, a:z].float(), kf.transpose(-1, -2)) * scale          # (B, H, c, K)
-        if bias is not None:
-            rows = slice(q_rows.start + a, q_rows.start + z)
-            bb = bias if bias.shape[-2] == 1 else bias[..., rows, :]
-            s = s + bb
-        lse = torch.logsumexp(s, dim=-1, keepdim=True)
-        p = torch.exp(s[..., flat] - lse)                                               # (B, H, c, F)
-        pw = torch.zeros(b, h, z - a, len(columns), dtype=torch.float32, device=q.device)
-        pw.index_add_(-1, owner, p)
-        out[:, :, a:z] = pw.mean(dim=1).transpose(1, 2)
-        del s, p, pw
+    for w0 in range(0, len(columns), d):
+        group = columns[w0:w0 + d]
+        ind = torch.zeros(kk, d, dtype=torch.float32, device=q.device)
+        for j, cols in enumerate(group):
+            ind[cols, j] = 1.0
+        v = ind.expand(b, h, kk, d)
+        for a in range(0, n, step):
+            z = min(a + step, n)
+            m = None
+            if bias is not None:
+                m = bias[..., a:z, :] if bias.shape[-2] == n else bias
+            o = F.scaled_dot_product_attention(qi[:, :, a:z], kf, v, attn_mask=m)      # (B, H, c, D)
+            out[:, w0:w0 + len(group), a:z] = o[..., :len(group)].mean(dim=1).transpose(1, 2)
     return out
 
 

@@ -124,7 +124,7 @@ def test_chunked_word_maps_equal_naive_with_masks():
     """Chunks of any size, bool and additive masks (the host's semantics): the naive float64 answer."""
     g = torch.Generator().manual_seed(4)
     q, k = torch.randn(2, 3, 40, 8, generator=g), torch.randn(2, 3, 40, 8, generator=g)
-    cols = [[2], [5, 6, 7]]
+    cols = [[2], [5, 6, 7]] + [[i] for i in range(10, 20)]         # 12 words: two groups of 8 (head dim)
     rows = slice(10, 40)
     keep = torch.rand(2, 40, 40, generator=g) > 0.3
     keep[..., 0] = True
