@@ -86,6 +86,7 @@ class DitCaptureController(DitController):
     """Per-word maps of a DiT model's image queries on the word keys (see the module docstring)."""
     name = "capture"
     streams = frozenset({"joint", "text_cross"})
+    maps_fn = staticmethod(joint_word_maps)
 
     def __init__(self, words: list[WordSpec], prompt_len: int, handle: AttentionMaps, selector,
                  start: float = 0.0, end: float = 1.0, keep_steps: bool = False, chunk_budget: int = CHUNK_BUDGET):
@@ -148,7 +149,7 @@ class DitCaptureController(DitController):
         mask = call.mask
         if mask is not None and mask.ndim >= 3 and mask.shape[0] == call.q.shape[0]:
             mask = mask.index_select(0, rows)
-        m = joint_word_maps(q, k, call.q_image, cols, mask, self.chunk_budget)         # (C*B, W, N_img)
+        m = self.maps_fn(q, k, call.q_image, cols, mask, self.chunk_budget)         # (C*B, W, N_img)
         m = m.view(len(chunks), call.batch, *m.shape[1:]).mean(0)                      # (B, W, N_img)
         f, gh, gw = call.grid
         m = m.view(call.batch, len(cols), f, gh, gw).permute(0, 2, 1, 3, 4).reshape(call.batch * f, len(cols),
