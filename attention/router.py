@@ -64,9 +64,15 @@ def discover_sites(model_patcher) -> tuple[Site, ...]:
     """All attention sites of a UNet model, in forward order, with their downscale factor."""
     dm = getattr(model_patcher.model, "diffusion_model", None)
     if dm is None or not all(hasattr(dm, a) for a in ("input_blocks", "middle_block", "output_blocks")):
+        if is_dit(model_patcher):
+            raise UnsupportedModelError(
+                f"model: {model_family(model_patcher)} is a transformer (DiT) model; this node works on "
+                f"{SUPPORTED_FAMILIES} so far (editing on DiT models is planned). On DiT models the capture, "
+                "region prompt, paint-with-words and tiled sampling nodes work.")
         raise UnsupportedModelError(
             f"model: {model_family(model_patcher)} is not supported yet. Attention Control supports "
-            f"{SUPPORTED_FAMILIES}; connect a model of one of those families.")
+            f"{SUPPORTED_FAMILIES} and the DiT families of the capture node; connect a model of one of those "
+            "families.")
     sites: list[Site] = []
     order = 0
     ds = 1

@@ -167,3 +167,14 @@ def test_video_frames_map_to_decoded_frames():
     assert video_frame_rows(2, 2, 10).tolist() == [0, 1, 1, 1, 1, 2, 3, 3, 3, 3]
     with pytest.raises(ValueError, match="image: 7 frames"):
         video_frame_rows(2, 2, 7)
+
+
+def test_unet_only_controller_on_a_dit_names_the_dit_nodes():
+    """A UNet-only technique on a DiT MODEL: a named error that says it is a DiT and which nodes work."""
+    from attention_control.attention.core import Controller, UnsupportedModelError
+
+    class UnetOnly(Controller):
+        name = "unet only"
+
+    with pytest.raises(UnsupportedModelError, match=r"model: Flux is a transformer \(DiT\) model.*capture"):
+        attach(tiny("Flux").patcher, UnetOnly())
