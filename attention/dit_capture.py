@@ -13,8 +13,11 @@ rows' image queries gives all words at once. Any mask the call carries (Flux `at
 Lumina caption padding) is applied as the host's attention applies it (bool: keep where True;
 float: added to the scores).
 
-Video (Wan, frames > 1): one map per latent frame, published as frames x items rows
+Video (Wan, HunyuanVideo, frames > 1): one map per latent frame, published as frames x items rows
 (`AttentionMaps.frames`).
+
+Families without word positions (HiDream: `DitRouter.word_positions_supported`) are refused with a
+named error before the first step.
 """
 from __future__ import annotations
 
@@ -104,6 +107,9 @@ class DitCaptureController(DitController):
         self.chunk_budget = chunk_budget
 
     def begin_run(self, run: Run) -> None:
+        require = getattr(run.router, "require_word_positions", None)
+        if require is not None:                 # HiDream: word maps need word key columns (a named error)
+            require("the capture node")
         for name in ("positive", "negative"):
             for c in run.conds.get(name, []) or []:
                 ca = c.get("cross_attn") if isinstance(c, dict) else None

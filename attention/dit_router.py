@@ -1,12 +1,14 @@
 """The DiT half of the attention router: ComfyUI glue for transformer (DiT) models.
 
 UNet sites are routed by `router.py` (attn1 / attn2 replace patches). DiT families (Flux, Flux.2,
-Chroma, SD3, Wan, Qwen-Image, Lumina 2, Z-Image) are reached through the one slot
+Chroma, SD3, Wan, Qwen-Image, Lumina 2, Z-Image, HunyuanVideo, HunyuanVideo 1.5, HunyuanImage 2.1,
+HiDream) are reached through the one slot
 `transformer_options["optimized_attention_override"]`: every DiT attention goes through ComfyUI's
 `comfy.ldm.modules.attention.wrap_attn`, which calls the override as `override(func, *args, **kwargs)`
 where `func` is the attention it would have run, `args` / `kwargs` its own call: `q, k, v` are always
-positional; `heads` is positional (Flux, Qwen-Image, Lumina) or a keyword (SD3, Wan); `mask` is a
-keyword (Flux), positional (Qwen-Image, Lumina) or absent (SD3, Wan); kwargs also carry
+positional; `heads` is positional (Flux, Qwen-Image, Lumina, HunyuanVideo, HiDream) or a keyword (SD3, Wan);
+`mask` is a keyword (Flux, HunyuanVideo), positional (Qwen-Image, Lumina) or absent (SD3, Wan,
+HiDream); kwargs also carry
 `transformer_options`, `skip_reshape` where q/k/v are (B, H, N, D) and `_inside_attn_wrapper`, which
 stops `func` from calling the override again.
 
@@ -28,10 +30,20 @@ a SageAttention-style speed patch), which it calls as the default attention. So:
 - our own override found in a call's options (an enclosing model call) is unwrapped to its default,
   never nested.
 
-Block ids. Flux / Flux.2, Chroma and Qwen-Image set `block_type` / `block_index` in transformer_options
-before each block: the site takes them from there. SD3, Wan and Lumina 2 / Z-Image set none: the
-site takes the n-th entry of the model's call schedule (built from its module tree at attach time),
-n counted per model call by the override of that call (reset by the APPLY_MODEL wrapper).
+Block ids. Flux / Flux.2, Chroma, Qwen-Image and HunyuanVideo / HunyuanVideo 1.5 / HunyuanImage 2.1
+set `block_type` / `block_index` in transformer_options before each block: the site takes them from
+there. SD3, Wan, Lumina 2 / Z-Image and HiDream set none: the site takes the n-th entry of the
+model's call schedule (built from its module tree at attach time), n counted per model call by the
+override of that call (a fresh one per model call). HunyuanVideo's two text token-refiner calls run
+before its forward sets any block id, so refiner entries of the schedule always take their ids from
+the counter: the forward writes its ids into the per-call copy of transformer_options that our
+APPLY_MODEL wrapper makes, so a later model call starts without them, but ids a caller put in the
+options itself (tested: in the MODEL's options) would otherwise name the refiner calls.
+
+Token order. Text tokens come first in the joint sequences of Flux, Chroma, SD3, Qwen-Image and
+Lumina 2 / Z-Image; image tokens come first (then text) in HunyuanVideo's and HiDream's. What a
+call's text slice holds per family is in `DitGeometry`; HiDream has no word positions (see
+`DitRouter.word_positions_supported`).
 
 Controllers (`DitController`) are asked per attention call, the one added last first: `attend(call)`
 returns None (pass: the next controller, finally the default) or the attention output, in the
@@ -55,7 +67,8 @@ OVERRIDE_SLOT = "optimized_attention_override"
 WRAPPER_KEY = "attention_control_dit"
 
 __all__ = ["attach_dit", "get_dit_router", "detect_family", "DitSite", "DitCall", "DitController", "DitRouter",
-           "DitOverride", "DitGeometry", "SUPPORTED_DIT_FAMILIES", "DIT_ROUTER_KEY", "DIT_RUN_KEY", "is_dit"]
+           "DitOverride", "DitGeometry", "SUPPORTED_DIT_FAMILIES", "WORD_POSITION_FAMILIES", "DIT_ROUTER_KEY",
+           "DIT_RUN_KEY", "is_dit", "word_positions_error"]
 
 # diffusion-model class (module, name) -> family; exact classes only (subclasses such as Wan's VACE or
 # camera models add calls the schedules below do not describe)
@@ -66,19 +79,39 @@ _FAMILY_OF_CLASS = {
     ("comfy.ldm.wan.model", "WanModel"): "Wan",
     ("comfy.ldm.qwen_image.model", "QwenImageTransformer2DModel"): "Qwen-Image",
     ("comfy.ldm.lumina.model", "NextDiT"): "Lumina 2",
+    ("comfy.ldm.hunyuan_video.model", "HunyuanVideo"): "HunyuanVideo",
+    ("comfy.ldm.hidream.model", "HiDreamImageTransformer2DModel"): "HiDream",
 }
-SUPPORTED_DIT_FAMILIES = ("Flux", "Flux.2", "Chroma", "SD3", "Wan", "Qwen-Image", "Lumina 2", "Z-Image")
-# families whose forward sets block_type / block_index in transformer_options
-_IDS_FROM_OPTIONS = frozenset({"Flux", "Flux.2", "Chroma", "Qwen-Image"})
+SUPPORTED_DIT_FAMILIES = ("Flux", "Flux.2", "Chroma", "SD3", "Wan", "Qwen-Image", "Lumina 2", "Z-Image",
+                          "HunyuanVideo", "HunyuanVideo 1.5", "HunyuanImage 2.1", "HiDream")
+HUNYUAN = ("HunyuanVideo", "HunyuanVideo 1.5", "HunyuanImage 2.1")
+# HunyuanVideo's diffusion-model class also runs these checkpoints; the model config class names them
+_HUNYUAN_OF_CONFIG = {"HunyuanVideo15": "HunyuanVideo 1.5", "HunyuanVideo15_SR_Distilled": "HunyuanVideo 1.5",
+                      "HunyuanImage21": "HunyuanImage 2.1", "HunyuanImage21Refiner": "HunyuanImage 2.1"}
+# families whose forward sets block_type / block_index in transformer_options (for their main blocks)
+_IDS_FROM_OPTIONS = frozenset({"Flux", "Flux.2", "Chroma", "Qwen-Image"} | set(HUNYUAN))
+# block types of the schedule whose ids always come from the call counter (they run before any id is set)
+_COUNTED_BLOCK_TYPES = frozenset({"context_refiner", "noise_refiner"})
+# joint sequences with the image tokens first, then the text
+_IMAGE_FIRST = frozenset(set(HUNYUAN) | {"HiDream"})
+# families whose text keys have no single key column per context (prompt) token position
+_NO_WORD_POSITIONS = {
+    "HiDream": "every block's text keys are the T5 context followed by two Llama-3 segments (the last Llama layer, "
+               "carried from block to block, and the block's own layer) in Llama's own tokenization, so a prompt "
+               "word has no one set of key columns",
+}
+WORD_POSITION_FAMILIES = tuple(f for f in SUPPORTED_DIT_FAMILIES if f not in _NO_WORD_POSITIONS)
 
 
 @dataclass(frozen=True)
 class DitSite:
     """One attention call of a DiT forward.
 
-    block_type: "double" / "single" (Flux, Flux.2, Chroma), "double" (Qwen-Image), "joint" (SD3), "block" (Wan),
-    "context_refiner" / "noise_refiner" / "layer" (Lumina 2, Z-Image); "extra" for calls beyond the
-    model's schedule. stream: "joint" (text tokens first, then image tokens), "image_self",
+    block_type: "double" / "single" (Flux, Flux.2, Chroma, HiDream), "double" (Qwen-Image), "joint" (SD3),
+    "block" (Wan), "context_refiner" / "noise_refiner" / "layer" (Lumina 2, Z-Image), "context_refiner"
+    (HunyuanVideo's text token refiner) / "double" / "single" (HunyuanVideo); "extra" for calls beyond the
+    model's schedule. stream: "joint" (text and image tokens; which come first is the family's
+    `DitGeometry.order`), "image_self",
     "text_cross" (image queries, text keys), "clip_image_cross" (Wan i2v), "text_refiner",
     "image_refiner". call_index: the order of the call in its model call. ids_from: "options" where
     the block ids come from transformer_options, "counter" where from the call count.
@@ -119,7 +152,19 @@ def detect_family(model_patcher) -> str:
         fam = "Flux.2"
     if fam == "Lumina 2" and cfg_name == "ZImage":
         fam = "Z-Image"
+    if fam == "HunyuanVideo":
+        fam = _HUNYUAN_OF_CONFIG.get(cfg_name, fam)
+        if fam == "HunyuanVideo" and getattr(dm, "cond_type_embedding", None) is not None:
+            fam = "HunyuanVideo 1.5"          # a config class of another name on 1.5 weights
     return fam
+
+
+def word_positions_error(family: str, what: str) -> UnsupportedModelError:
+    """The named error of a controller (`what`: "the capture node", ...) that needs the key columns
+    of prompt words on a family that has none."""
+    return UnsupportedModelError(
+        f"model: {what} needs the key columns of the prompt's words, and {family} has none: "
+        f"{_NO_WORD_POSITIONS.get(family, 'unknown token layout')}. It works on {', '.join(WORD_POSITION_FAMILIES)}.")
 
 
 def call_schedule(family: str, dm) -> tuple:
@@ -145,6 +190,14 @@ def call_schedule(family: str, dm) -> tuple:
         out += [("context_refiner", i, "text_refiner") for i in range(len(dm.context_refiner))]
         out += [("noise_refiner", i, "image_refiner") for i in range(len(dm.noise_refiner))]
         out += [("layer", i, "joint") for i in range(len(dm.layers))]
+    elif family in HUNYUAN:
+        # txt_in: self-attention over the context alone, before the blocks (2 blocks in 0.3.75)
+        out += [("context_refiner", i, "text_refiner") for i in range(len(dm.txt_in.individual_token_refiner.blocks))]
+        out += [("double", i, "joint") for i in range(len(dm.double_blocks))]
+        out += [("single", i, "joint") for i in range(len(dm.single_blocks))]
+    elif family == "HiDream":
+        out += [("double", i, "joint") for i in range(len(dm.double_stream_blocks))]
+        out += [("single", i, "joint") for i in range(len(dm.single_stream_blocks))]
     return tuple(out)
 
 
@@ -155,23 +208,45 @@ class DitGeometry:
     grid: (frames, rows, columns) of image tokens after patching (frames 1 for images); n_image
     their number; context_len: tokens of the context (c_crossattn) the model received; text_len:
     text tokens of a joint sequence (context_len plus SD3's register tokens, which come first, or
-    Lumina 2 / Z-Image's padding to a token multiple, which comes after); word_offset: where
-    context token 0 sits among the text tokens (SD3's register count, else 0)."""
+    Lumina 2 / Z-Image's padding to a token multiple, which comes after; HiDream: see below);
+    word_offset: where context token 0 sits among the text tokens (SD3's register count, else 0).
+
+    order: "text_image" (text first, then image: Flux, Chroma, SD3, Qwen-Image, Lumina 2 / Z-Image;
+    tokens after the image, Kontext reference images, are neither) or "image_text" (HunyuanVideo,
+    HiDream). For "image_text" the image slice is [0, n_image) of any sequence that long and the text
+    slice [n_image, n_image + text_len) only of a sequence exactly that long:
+    - HunyuanVideo (v1, 1.5, HunyuanImage 2.1): the text is the refined context; ByT5 glyph tokens
+      (`txt_byt5`: after the context in HunyuanImage 2.1, before it in 1.5) and 1.5's vision states
+      (`clip_fea`, before it) lengthen it, and then the call has no text slice (controllers that need
+      one stand aside). Reference latents (`ref_latent`) go before the image: such a model call has
+      no geometry.
+    - HiDream: every block's text is the T5 context (c_crossattn, context_len tokens), then the last
+      Llama-3 layer's tokens (carried from block to block), then the block's own Llama-3 layer's
+      tokens (`encoder_hidden_states_llama3`, L tokens each): text_len = context_len + 2 L. Word
+      positions are T5 positions there and miss the Llama copies of the words, so HiDream has none
+      (`DitRouter.word_positions_supported`; `DitCall.key_columns` refuses). HiDream E1's edit image
+      (`image_cond`) widens every image row: such a model call has no geometry."""
     grid: tuple
     n_image: int
     context_len: int
     text_len: int
     word_offset: int = 0
+    order: str = "text_image"
 
 
 def _ceil_div(a: int, b: int) -> int:
     return -(-int(a) // int(b))
 
 
-def model_call_geometry(family: str, dm, x: torch.Tensor, context) -> DitGeometry | None:
+def model_call_geometry(family: str, dm, x: torch.Tensor, context, extra: dict | None = None) -> DitGeometry | None:
     """The geometry of one model call of `family`'s diffusion model `dm` on latent `x` with
-    `context`; None where the inputs do not have the expected shape."""
+    `context` and the call's other conditioning `extra` (the model's keyword inputs); None where the
+    inputs do not have the expected shape or put other tokens among the image's."""
+    extra = extra or {}
     if context is None or not torch.is_tensor(context) or context.ndim != 3:
+        return None
+    if (family in HUNYUAN and extra.get("ref_latent") is not None) or (
+            family == "HiDream" and extra.get("image_cond") is not None):
         return None
     ps = getattr(dm, "patch_size", 1)
     ps = tuple(ps) if isinstance(ps, (tuple, list)) else (1, ps, ps)
@@ -193,7 +268,12 @@ def model_call_geometry(family: str, dm, x: torch.Tensor, context) -> DitGeometr
         m = getattr(dm, "pad_tokens_multiple", None)
         if m:
             text_len = _ceil_div(ctx, m) * m
-    return DitGeometry(grid, grid[0] * grid[1] * grid[2], ctx, text_len, offset)
+    elif family == "HiDream":
+        llama = extra.get("encoder_hidden_states_llama3")
+        if torch.is_tensor(llama) and llama.ndim == 4:              # (B, layers, L, C)
+            text_len = ctx + 2 * int(llama.shape[2])
+    order = "image_text" if family in _IMAGE_FIRST else "text_image"
+    return DitGeometry(grid, grid[0] * grid[1] * grid[2], ctx, text_len, offset, order)
 
 
 class DitController:
@@ -254,6 +334,16 @@ class DitRouter:
     def __deepcopy__(self, memo):
         return self
 
+    @property
+    def word_positions_supported(self) -> bool:
+        """Whether `DitCall.key_columns` maps prompt (context) token positions to key columns on
+        this family; controllers that need word positions call `require_word_positions`."""
+        return self.family not in _NO_WORD_POSITIONS
+
+    def require_word_positions(self, what: str) -> None:
+        if not self.word_positions_supported:
+            raise word_positions_error(self.family, what)
+
     def warn_once(self, tag, msg, *args):
         if tag not in self._warned:
             self._warned.add(tag)
@@ -279,8 +369,10 @@ class DitCall:
     - `q_text` / `q_image` and `k_text` / `k_image`: slices of the query and key sequences that hold
       text and image tokens (None where the stream has none, or where the sequence does not have
       the length the model call's inputs imply: a patch that adds tokens; controllers that need
-      them stand aside). Tokens after `q_image` / `k_image` (Kontext reference images, padding) are
-      neither. `key_columns(positions)`: the key columns of context token positions.
+      them stand aside). In text-first joint sequences tokens after `q_image` / `k_image` (Kontext
+      reference images) are neither; image-first ones (HunyuanVideo, HiDream) put the text after the
+      image (`DitGeometry.order`). `key_columns(positions)`: the key columns of context token
+      positions (none on HiDream: `DitRouter.word_positions_supported`).
     - `grid`: (frames, rows, columns) of the image tokens.
     - the batch: rows are (chunk, item): one chunk per entry of `cond_or_uncond` (0 cond, 1 uncond;
       guidance-distilled models sample with one cond chunk), `batch` items per chunk.
@@ -326,7 +418,10 @@ class DitCall:
         return self.q_image is not None or self.q_text is not None
 
     def key_columns(self, positions) -> list[int]:
-        """Key columns of context token positions (0 = the first context token)."""
+        """Key columns of context token positions (0 = the first context token). Families without
+        word positions (HiDream) raise the named error of `word_positions_error`."""
+        if self.site.family in _NO_WORD_POSITIONS:
+            raise word_positions_error(self.site.family, "a controller on word positions")
         if self.k_text is None:
             raise AttentionControlError(f"{self.site.label()}: this call has no text keys")
         off = self.k_text.start + (self.geometry.word_offset if self.site.stream == "joint" else 0)
@@ -386,6 +481,10 @@ def _stream_slices(stream: str, g: DitGeometry, n: int, query: bool):
     """(text slice, image slice) of a sequence of n tokens of `stream`; (None, None) where n does
     not fit the geometry."""
     if stream == "joint":
+        if g.order == "image_text":
+            i = slice(0, g.n_image) if n >= g.n_image else None
+            t = slice(g.n_image, g.n_image + g.text_len) if n == g.n_image + g.text_len else None
+            return t, i
         t, i = slice(0, g.text_len), slice(g.text_len, g.text_len + g.n_image)
         return (t, i) if n >= g.text_len + g.n_image else (None, None)
     if stream in ("image_self", "image_refiner"):
@@ -423,7 +522,8 @@ class DitOverride:
         to = kwargs.get("transformer_options") or {}
         layout = "bhnd" if kwargs.get("skip_reshape", False) else "bnc"
         sched = router.schedule
-        if router.family in _IDS_FROM_OPTIONS and "block_type" in to and "block_index" in to:
+        counted = n < len(sched) and sched[n][0] in _COUNTED_BLOCK_TYPES
+        if router.family in _IDS_FROM_OPTIONS and not counted and "block_type" in to and "block_index" in to:
             btype, bidx = str(to["block_type"]), int(to["block_index"])
             stream = "joint"
             src = "options"
@@ -494,7 +594,7 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     prev = transformer_options.get(OVERRIDE_SLOT)
     if isinstance(prev, DitOverride):          # ours from an enclosing call: chain what it chained
         prev = prev.prev
-    geom = model_call_geometry(router.family, router.dm, x, c_crossattn) if router.controllers else None
+    geom = model_call_geometry(router.family, router.dm, x, c_crossattn, kwargs) if router.controllers else None
     ov = DitOverride(router, prev, run, geom)
     to = dict(transformer_options)
     to[OVERRIDE_SLOT] = ov

@@ -48,8 +48,31 @@ CONFIGS = {
 }
 CONFIGS["Z-Image"] = ("ZImage", dict(CONFIGS["Lumina 2"][1], rope_theta=256.0, ffn_dim_multiplier=8 / 3,
                                      z_image_modulation=True, time_scale=1000.0, dim=256, axes_dims=[32, 48, 48]))
+# HunyuanVideo (one class, comfy.ldm.hunyuan_video.model.HunyuanVideo, for v1, 1.5 and HunyuanImage 2.1):
+# the text token refiner has 2 blocks whatever the config; 3D patches (1, 2, 2) on video latents
+CONFIGS["HunyuanVideo"] = ("HunyuanVideo", dict(
+    image_model="hunyuan_video", in_channels=16, out_channels=16, vec_in_dim=16, context_in_dim=32, hidden_size=64,
+    mlp_ratio=2.0, num_heads=2, depth=1, depth_single_blocks=2, axes_dim=[8, 12, 12], theta=256, patch_size=[1, 2, 2],
+    qkv_bias=True, guidance_embed=True, byt5=False, meanflow=False, use_cond_type_embedding=False,
+    vision_in_dim=None))
+# 1.5: no CLIP vector, cond-type embeddings, a vision-state projection (real: 1152-dim SigLIP states)
+CONFIGS["HunyuanVideo 1.5"] = ("HunyuanVideo15", dict(
+    CONFIGS["HunyuanVideo"][1], vec_in_dim=None, guidance_embed=False, use_cond_type_embedding=True,
+    vision_in_dim=16))
+# HunyuanImage 2.1: 2D patches on image latents (real: patch 1 on a 64-channel latent)
+CONFIGS["HunyuanImage 2.1"] = ("HunyuanImage21", dict(
+    CONFIGS["HunyuanVideo"][1], in_channels=64, out_channels=64, vec_in_dim=None, patch_size=[1, 1],
+    axes_dim=[16, 16]))
+# HiDream: caption_channels = [T5 width, Llama width]; one Llama layer per block (llama_layers, indices
+# into the conditioning_llama3 layers), MoE feed-forwards (2 routed experts, 1 active)
+CONFIGS["HiDream"] = ("HiDream", dict(
+    image_model="hidream", patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=2,
+    attention_head_dim=32, num_attention_heads=2, caption_channels=[32, 32], text_emb_dim=32, num_routed_experts=2,
+    num_activated_experts=1, axes_dims_rope=[8, 12, 12], max_resolution=[16, 16], llama_layers=[0, 1, 1]))
 
 TXT = 7    # text tokens of every test context
+LLAMA = 5  # HiDream: Llama tokens per layer (conditioning_llama3 is (B, layers, LLAMA, 32))
+LLAMA_LAYERS = 2
 
 
 def inputs(family: str, g: torch.Generator) -> tuple[torch.Tensor, dict]:
@@ -68,6 +91,17 @@ def inputs(family: str, g: torch.Generator) -> tuple[torch.Tensor, dict]:
         return torch.randn(1, 16, 2, 8, 8, generator=g), dict(c_crossattn=ctx)
     if family == "Qwen-Image":
         return torch.randn(1, 16, 1, 16, 16, generator=g), dict(c_crossattn=ctx)
+    if family == "HunyuanVideo":
+        return torch.randn(1, 16, 2, 8, 8, generator=g), dict(c_crossattn=ctx, y=torch.randn(1, 16, generator=g),
+                                                             guidance=torch.tensor([6.0]))
+    if family == "HunyuanVideo 1.5":
+        return torch.randn(1, 16, 2, 8, 8, generator=g), dict(c_crossattn=ctx)
+    if family == "HunyuanImage 2.1":
+        return torch.randn(1, 64, 8, 8, generator=g), dict(c_crossattn=ctx, guidance=torch.tensor([6.0]))
+    if family == "HiDream":
+        return torch.randn(1, 16, 16, 16, generator=g), dict(
+            c_crossattn=ctx, y=torch.randn(1, 32, generator=g),
+            encoder_hidden_states_llama3=torch.randn(1, LLAMA_LAYERS, LLAMA, 32, generator=g))
     return torch.randn(1, 16, 16, 16, generator=g), dict(c_crossattn=ctx, num_tokens=TXT)
 
 

@@ -16,8 +16,9 @@ import comfy.supported_models
 
 from attention_control.attention.core import AttentionControlError, UnsupportedModelError
 from attention_control.attention.dit_router import (DIT_ROUTER_KEY, DitController, DitOverride, SUPPORTED_DIT_FAMILIES,
-                                                    attach_dit, detect_family, get_dit_router)
-from ac_dit import CONFIGS, FAMILIES, SAMPLE_CONDS, TXT, Tiny, build, forward, sample
+                                                    WORD_POSITION_FAMILIES, attach_dit, detect_family,
+                                                    get_dit_router)
+from ac_dit import CONFIGS, FAMILIES, LLAMA, LLAMA_LAYERS, SAMPLE_CONDS, TXT, Tiny, build, forward, sample
 
 # (block_type, block_index, stream) of each call, in order, and where the ids come from
 EXPECTED = {
@@ -33,11 +34,42 @@ EXPECTED = {
                   ("layer", 0, "joint"), ("layer", 1, "joint")], "counter"),
 }
 EXPECTED["Z-Image"] = EXPECTED["Lumina 2"]
-# (query tokens, key tokens) of each stream in these inputs: 64 image tokens (Wan: 2 frames x 4 x 4)
-TOKENS = {"joint": (TXT + 64, TXT + 64), "image_self": (32, 32), "text_cross": (32, TXT),
-          "text_refiner": (TXT, TXT), "image_refiner": (64, 64)}
+# HunyuanVideo: the text token refiner's two self-attentions over the context come first (block ids from
+# the call counter: the forward sets none before its blocks), then the double and single blocks
+EXPECTED["HunyuanVideo"] = ([("context_refiner", 0, "text_refiner"), ("context_refiner", 1, "text_refiner"),
+                             ("double", 0, "joint"), ("single", 0, "joint"), ("single", 1, "joint")], "options")
+EXPECTED["HunyuanVideo 1.5"] = EXPECTED["HunyuanImage 2.1"] = EXPECTED["HunyuanVideo"]
+EXPECTED["HiDream"] = ([("double", 0, "joint"), ("single", 0, "joint"), ("single", 1, "joint")], "counter")
+REFINERS = ("context_refiner", "noise_refiner")          # ids always from the counter
+assert set(EXPECTED) == set(FAMILIES)
+# image token grid of these inputs: 8 x 8 (Wan, HunyuanVideo, HunyuanVideo 1.5: 2 frames x 4 x 4)
+GRID = {f: (2, 4, 4) if f in ("Wan", "HunyuanVideo", "HunyuanVideo 1.5") else (1, 8, 8) for f in FAMILIES}
+IMAGE_FIRST = ("HunyuanVideo", "HunyuanVideo 1.5", "HunyuanImage 2.1", "HiDream")
+# text tokens of a joint sequence: the context; HiDream: T5 context + the last Llama layer + the block's layer
+TEXT = {f: TXT + 2 * LLAMA if f == "HiDream" else TXT for f in FAMILIES}
 LAYOUT = {"Flux": "bhnd", "Flux.2": "bhnd", "Chroma": "bhnd", "SD3": "bnc", "Wan": "bnc", "Qwen-Image": "bhnd", "Lumina 2": "bhnd",
-          "Z-Image": "bhnd"}
+          "Z-Image": "bhnd", "HunyuanVideo": "bhnd", "HunyuanVideo 1.5": "bhnd", "HunyuanImage 2.1": "bhnd",
+          "HiDream": "bnc"}
+# extras of positive / negative conditioning for comfy.sample per family (SAMPLE_CONDS plus families the
+# capture tests do not sample)
+CFG_CONDS = dict(SAMPLE_CONDS, **{
+    "HunyuanVideo": lambda g: {"pooled_output": torch.randn(1, 16, generator=g)},
+    "HiDream": lambda g: {"pooled_output": torch.randn(1, 32, generator=g),
+                          "conditioning_llama3": torch.randn(1, LLAMA_LAYERS, LLAMA, 32, generator=g)},
+})
+
+
+def n_image(family):
+    f, h, w = GRID[family]
+    return f * h * w
+
+
+def tokens(family, stream):
+    """(query tokens, key tokens) of a stream's calls in these inputs."""
+    n = n_image(family)
+    return {"joint": (TEXT[family] + n, TEXT[family] + n), "image_self": (n, n), "text_cross": (n, TXT),
+            "text_refiner": (TXT, TXT), "image_refiner": (n, n)}[stream]
+
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def tiny(request):
@@ -132,9 +164,10 @@ def test_sites_per_family(tiny):
     assert [s.call_index for s, *_ in rec.seen] == list(range(n)) * 2
     for i, (site, qs, ks, cou) in enumerate(rec.seen):
         assert (site.block_type, site.block_index, site.stream) == blocks[i % n], (i, site)
-        assert site.family == tiny.family and site.ids_from == ids_from
+        assert site.family == tiny.family
+        assert site.ids_from == ("counter" if site.block_type in REFINERS else ids_from), site
         assert site.heads == 2 and site.layout == LAYOUT[tiny.family]
-        nq, nk = TOKENS[site.stream]
+        nq, nk = tokens(tiny.family, site.stream)
         tok_dim = 2 if site.layout == "bhnd" else 1
         assert (qs[tok_dim], ks[tok_dim]) == (nq, nk), (site, qs, ks)
         assert cou == [0]
@@ -283,15 +316,28 @@ def test_sd35_image_self_attention_in_schedule():
     assert [q[1] for _, q, *_ in rec.seen] == [TXT + 64, 64, TXT + 64]
 
 
-@pytest.mark.parametrize("family", tuple(SAMPLE_CONDS))
+def test_stale_block_ids_in_options_do_not_name_counted_calls(tiny):
+    """Block ids a caller left in transformer_options (here in the MODEL's options, so every model
+    call's copy starts with them): calls the forward makes before it sets its own ids (HunyuanVideo's
+    token refiner) still get their ids from the counter, in the first model call and the next."""
+    m = attach_dit(tiny.patcher, Recorder()).clone()
+    m.model_options["transformer_options"].update(block_type="single", block_index=7)
+    rec = get_dit_router(m).controllers[0]
+    for _ in range(2):
+        assert torch.equal(forward(m, tiny.x, tiny.conds), tiny.baseline)
+    blocks = EXPECTED[tiny.family][0]
+    assert [(s.block_type, s.block_index, s.stream) for s, *_ in rec.seen] == blocks * 2
+
+
+@pytest.mark.parametrize("family", tuple(CFG_CONDS))
 def test_sampling_with_cfg(family):
     """A real KSampler run with cfg > 1 (uncond and cond batched in one model call): the router with a
     passing controller leaves the samples bit for bit, and sees each step's calls with the batch
     layout of the call."""
     t = Tiny(family)
     g = torch.Generator().manual_seed(11)
-    pos = [[torch.randn(1, TXT, 32, generator=g), SAMPLE_CONDS[family](g)]]
-    neg = [[torch.randn(1, TXT, 32, generator=g), SAMPLE_CONDS[family](g)]]
+    pos = [[torch.randn(1, TXT, 32, generator=g), CFG_CONDS[family](g)]]
+    neg = [[torch.randn(1, TXT, 32, generator=g), CFG_CONDS[family](g)]]
     latent = torch.zeros_like(t.x)
     noise = torch.randn(t.x.shape, generator=g)
 
@@ -346,35 +392,44 @@ class Where(DitController):
         self.runs.append(["end", ok])
 
     def attend(self, call):
+        cols = None               # key columns of context positions 0 and 3, where the call has word keys
+        st = call.site.stream
+        if call.k_text is not None and st != "text_refiner" and call.site.family in WORD_POSITION_FAMILIES:
+            cols = call.key_columns([0, 3])
         self.seen.append(dict(site=call.site, q_text=call.q_text, q_image=call.q_image, k_text=call.k_text,
                               k_image=call.k_image, grid=call.grid, batch=call.batch, cou=call.cond_or_uncond,
-                              step=call.step, sigma=call.sigma, run=call.run, k=call.split_heads(call.k).clone()))
+                              step=call.step, sigma=call.sigma, run=call.run, k=call.split_heads(call.k).clone(),
+                              cols=cols))
         return None
 
 
-def _image_count(family):
-    return 32 if family == "Wan" else 64
-
-
 def test_token_slices_per_family(tiny):
-    """Text tokens first in joint sequences, then the image tokens of the latent's grid; image-only
-    and text-only streams hold one kind; Wan's cross-attention keys are the text."""
+    """Joint sequences: text tokens first, then the image tokens of the latent's grid (image first,
+    then text, in HunyuanVideo and HiDream); image-only and text-only streams hold one kind; Wan's
+    cross-attention keys are the text; key_columns maps context positions into the text slice."""
     w = Where()
-    forward(attach_dit(tiny.patcher, w), tiny.x, tiny.conds)
-    n_img = _image_count(tiny.family)
-    grid = (2, 4, 4) if tiny.family == "Wan" else (1, 8, 8)
+    m = attach_dit(tiny.patcher, w)
+    forward(m, tiny.x, tiny.conds)
+    n_img, n_txt = n_image(tiny.family), TEXT[tiny.family]
+    words = get_dit_router(m).word_positions_supported
+    assert words == (tiny.family != "HiDream") and words == (tiny.family in WORD_POSITION_FAMILIES)
     for s in w.seen:
         st = s["site"].stream
-        assert s["grid"] == grid and s["batch"] == 1
+        assert s["grid"] == GRID[tiny.family] and s["batch"] == 1
         if st == "joint":
-            assert (s["q_text"], s["q_image"]) == (slice(0, TXT), slice(TXT, TXT + n_img))
-            assert (s["k_text"], s["k_image"]) == (slice(0, TXT), slice(TXT, TXT + n_img))
+            if tiny.family in IMAGE_FIRST:
+                text, image = slice(n_img, n_img + n_txt), slice(0, n_img)
+            else:
+                text, image = slice(0, n_txt), slice(n_txt, n_txt + n_img)
+            assert (s["q_text"], s["q_image"], s["k_text"], s["k_image"]) == (text, image, text, image)
+            assert s["cols"] == ([text.start, text.start + 3] if words else None)
         elif st in ("image_self", "image_refiner"):
             assert (s["q_text"], s["q_image"], s["k_text"], s["k_image"]) == (None, slice(0, n_img), None,
                                                                             slice(0, n_img))
         elif st == "text_cross":
             assert (s["q_text"], s["q_image"], s["k_text"], s["k_image"]) == (None, slice(0, n_img),
                                                                             slice(0, TXT), None)
+            assert s["cols"] == [0, 3]
         else:
             assert st == "text_refiner" and (s["q_text"], s["q_image"]) == (slice(0, TXT), None)
 
@@ -465,3 +520,77 @@ def test_layer_selection_on_controllers():
     w = Where(selector=DitLayerSelector.parse("refiner"))
     forward(attach_dit(z.patcher, w), z.x, z.conds)
     assert [s["site"].stream for s in w.seen] == ["text_refiner", "image_refiner"]
+
+
+# --------------------------------------------------------------------------------------------
+# image-first families: HunyuanVideo (v1, 1.5, HunyuanImage 2.1) and HiDream
+
+def test_hunyuan_extra_text_tokens_leave_only_the_image_located():
+    """HunyuanVideo 1.5's vision states (clip_fea) join the text of the joint sequence: its image
+    slice stays, its text slice is withheld (the context no longer spans the text); the refiner,
+    which runs on the context alone, keeps its text. A reference latent (ref_latent) goes before the
+    image: that model call has no geometry. A config of another class on 1.5 weights (cond-type
+    embeddings) is still named HunyuanVideo 1.5."""
+    t = Tiny("HunyuanVideo 1.5")
+    conds = dict(t.conds, clip_fea=torch.randn(1, 3, 16, generator=torch.Generator().manual_seed(2)))
+    w = Where()
+    out = forward(attach_dit(t.patcher, w), t.x, conds)
+    assert torch.equal(out, forward(t.patcher, t.x, conds))
+    joint = [s for s in w.seen if s["site"].stream == "joint"]
+    assert len(joint) == 3 and all(s["q_image"] == slice(0, 32) and s["q_text"] is None and s["k_text"] is None
+                                   for s in joint)
+    assert all(s["q_text"] == slice(0, TXT) for s in w.seen if s["site"].stream == "text_refiner")
+
+    t = Tiny("HunyuanVideo")
+    w = Where()
+    forward(attach_dit(t.patcher, w), t.x, dict(t.conds, ref_latent=torch.randn(1, 16, 1, 8, 8)))
+    assert w.seen and all(s["grid"] is None and s["q_image"] is None and s["k_text"] is None for s in w.seen)
+
+    other = build("HunyuanVideo", CONFIGS["HunyuanVideo 1.5"][1])
+    assert detect_family(other) == "HunyuanVideo 1.5"
+
+
+def test_hidream_text_is_t5_then_llama():
+    """HiDream's text slice: the T5 context first (its keys depend on the context, not on the Llama
+    states), then the Llama layers' tokens. HiDream E1's edit image (image_cond) widens the image
+    rows: that model call has no geometry."""
+    t = Tiny("HiDream")
+    keys = []
+    g = torch.Generator().manual_seed(8)
+    for llama in (t.conds["encoder_hidden_states_llama3"], torch.randn(1, LLAMA_LAYERS, LLAMA, 32, generator=g)):
+        w = Where()
+        forward(attach_dit(t.patcher, w), t.x, dict(t.conds, encoder_hidden_states_llama3=llama))
+        s = w.seen[0]
+        assert s["k_text"] == slice(64, 64 + TXT + 2 * LLAMA)
+        keys.append(s["k"][:, :, s["k_text"]])
+    assert torch.equal(keys[0][:, :, :TXT], keys[1][:, :, :TXT])
+    assert not torch.equal(keys[0][:, :, TXT:], keys[1][:, :, TXT:])
+    w = Where()
+    forward(attach_dit(t.patcher, w), t.x, dict(t.conds, image_cond=torch.randn(1, 16, 16, 16)))
+    assert w.seen and all(s["grid"] is None and s["q_image"] is None for s in w.seen)
+
+
+def test_hidream_word_positions_are_refused_by_name():
+    """HiDream has no word positions: key_columns and the capture controller's begin_run raise a
+    named error that says why and lists the families that have them."""
+    from attention_control.attention.capture import AttentionMaps, WordSpec
+    from attention_control.attention.core import Run
+    from attention_control.attention.dit_capture import DitCaptureController
+    from attention_control.attention.dit_layers import DitLayerSelector
+    t = Tiny("HiDream")
+
+    class Cols(DitController):
+        def attend(self, call):
+            call.key_columns([0])
+
+    with pytest.raises(UnsupportedModelError, match="HiDream has none: every block's text keys are the T5"):
+        forward(attach_dit(t.patcher, Cols()), t.x, t.conds)
+    cap = DitCaptureController([WordSpec("w", [1])], TXT, AttentionMaps(["w"]), DitLayerSelector.parse("all"))
+    router = get_dit_router(attach_dit(t.patcher, cap))
+    assert not router.word_positions_supported
+    with pytest.raises(UnsupportedModelError) as e:
+        router.begin_run(Run(router, t.x.shape, torch.tensor([0.6, 0.0])))
+    msg = str(e.value)
+    assert msg.startswith("model: the capture node needs the key columns of the prompt's words, and HiDream")
+    assert "HiDream" not in WORD_POSITION_FAMILIES
+    assert all(f in msg for f in WORD_POSITION_FAMILIES)
