@@ -92,7 +92,8 @@ class DitCaptureController(DitController):
     maps_fn = staticmethod(joint_word_maps)
 
     def __init__(self, words: list[WordSpec], prompt_len: int, handle: AttentionMaps, selector,
-                 start: float = 0.0, end: float = 1.0, keep_steps: bool = False, chunk_budget: int = CHUNK_BUDGET):
+                 start: float = 0.0, end: float = 1.0, keep_steps: bool = False, chunk_budget: int = CHUNK_BUDGET,
+                 cond_len: int | None = None):
         if not words:
             raise AttentionControlError("words: give at least one word of the prompt (comma-separated)")
         if not 0.0 <= start < end <= 1.0:
@@ -105,6 +106,9 @@ class DitCaptureController(DitController):
         self.start, self.end = start, end
         self.keep_steps = keep_steps
         self.chunk_budget = chunk_budget
+        # rows of the CONDITIONING the prompt encodes to, where the model pads it further itself
+        # (Flux.2 left-pads to 512 rows in extra_conds): the check before sampling uses these
+        self.cond_len = int(cond_len or prompt_len)
 
     def begin_run(self, run: Run) -> None:
         require = getattr(run.router, "require_word_positions", None)
@@ -113,9 +117,9 @@ class DitCaptureController(DitController):
         for name in ("positive", "negative"):
             for c in run.conds.get(name, []) or []:
                 ca = c.get("cross_attn") if isinstance(c, dict) else None
-                if ca is not None and ca.ndim == 3 and ca.shape[1] % self.prompt_len != 0:
+                if ca is not None and ca.ndim == 3 and ca.shape[1] % self.cond_len != 0:
                     raise AttentionControlError(
-                        f"prompt: the capture node's prompt has {self.prompt_len} context tokens but the {name} "
+                        f"prompt: the capture node's prompt has {self.cond_len} context tokens but the {name} "
                         f"conditioning has {ca.shape[1]}; connect the same prompt text to the capture node and to "
                         "the text encoder that feeds the sampler")
         d = run.data(self)

@@ -179,3 +179,30 @@ def test_unet_only_controller_on_a_dit_names_the_dit_nodes():
 
     with pytest.raises(UnsupportedModelError, match=r"model: Flux is a transformer \(DiT\) model.*capture"):
         attach(tiny("Flux").patcher, UnetOnly())
+
+
+def test_capture_node_on_flux_with_its_t5_tokenizer():
+    """The capture node on a Flux MODEL with Flux's real CLIP (T5 tokenizer, weights on meta): the
+    words' T5 positions in the 256-row context pick the key columns of the maps."""
+    from test_dit_tokens import BUILDERS
+    from attention_control.nodes.capture import CaptureAttention
+    t = tiny("Flux")
+    clip = BUILDERS["Flux"](None)
+    prompt = "a red circle and a blue square"
+    model, handle = CaptureAttention.execute(t.patcher, clip, prompt, "red, blue square", "all", 0.0, 1.0,
+                                             False).args
+    keep = Keep()
+    g = torch.Generator().manual_seed(8)
+    pos = [[torch.randn(1, 256, 32, generator=g), SAMPLE_CONDS["Flux"](g)]]
+    noise = torch.randn(t.x.shape, generator=g)
+    # the Keep recorder goes below the capture: attach it to the node's MODEL's router first
+    from attention_control.attention.dit_router import DIT_ROUTER_KEY, DitRouter, get_dit_router
+    r = get_dit_router(model)
+    m = model.clone()
+    m.model_options["transformer_options"][DIT_ROUTER_KEY] = DitRouter(r.family, r.schedule,
+                                                                      (keep,) + r.controllers, r.dm)
+    sample(m, noise, pos, pos, torch.zeros_like(t.x), steps=2, cfg=1.0)
+    words = [WordSpec("red", [2]), WordSpec("blue square", [7, 8])]        # T5: ▁ a ▁red ▁circle ▁and ▁ a ▁blue ▁square
+    torch.testing.assert_close(handle.maps.double(), naive_maps(keep.calls, words, 1), rtol=1e-4, atol=1e-6)
+    with pytest.raises(AttentionControlError, match=r"prompt: the capture node's prompt has 256 context tokens"):
+        sample(model, noise, [[pos[0][0][:, :77], pos[0][1]]], pos, torch.zeros_like(t.x), steps=1, cfg=1.0)
