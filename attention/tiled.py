@@ -115,9 +115,11 @@ class TileConfig:
         return self
 
 
-def axis_tiles(length: int, tile: int, overlap: int, wrap: bool = False) -> list[Span]:
+def axis_tiles(length: int, tile: int, overlap: int, wrap: bool = False, align: int = 1) -> list[Span]:
     """Tiles covering [0, length) exactly: stride tile - overlap, the last one shifted inward
-    (or, with wrap, spread evenly around the circle). A tile longer than the axis is clamped."""
+    (or, with wrap, spread evenly around the circle). A tile longer than the axis is clamped.
+    `align`: every start is a multiple of it (a DiT's patch size; length, tile and overlap must be
+    multiples of it, which the callers check); 1 gives the plain layout."""
     if length < 1:
         raise AttentionControlError(f"latent: an empty canvas side ({length}) cannot be tiled")
     tile = min(tile, length)
@@ -129,7 +131,8 @@ def axis_tiles(length: int, tile: int, overlap: int, wrap: bool = False) -> list
                                     f"use an overlap smaller than the tile")
     if wrap:
         n = math.ceil(length / stride)
-        return [Span((i * length) // n, tile) for i in range(n)]
+        units = length // align
+        return [Span(align * ((i * units) // n), tile) for i in range(n)]
     n = math.ceil((length - tile) / stride) + 1
     starts = [min(i * stride, length - tile) for i in range(n)]
     return [Span(s, tile) for s in starts]
@@ -197,11 +200,19 @@ class Plan:
                 f"{self.width * scale}x{self.height * scale} px canvas ({self.mode}{', wrapped' if self.wrap else ''})")
 
 
-def plan_tiles(height: int, width: int, cfg: TileConfig) -> Plan:
-    """The pieces that one tiled model call evaluates on an (height, width) latent."""
+def plan_tiles(height: int, width: int, cfg: TileConfig, align: int = 1) -> Plan:
+    """The pieces that one tiled model call evaluates on an (height, width) latent. With `align`
+    (a DiT's patch size in latent pixels) every piece starts and ends on the patch grid."""
+    if align > 1:
+        for what, v in (("latent: the canvas height", height), ("latent: the canvas width", width),
+                        ("tile_height: the tile height", cfg.tile_h), ("tile_width: the tile width", cfg.tile_w),
+                        ("overlap: the overlap", cfg.overlap)):
+            if v % align:
+                raise AttentionControlError(f"{what} ({v} latent pixels) is not a multiple of the model's patch "
+                                            f"size ({align} latent pixels)")
     wrap = cfg.wrap and cfg.tile_w < width
-    rows = axis_tiles(height, cfg.tile_h, cfg.overlap, False)
-    cols = axis_tiles(width, cfg.tile_w, cfg.overlap, wrap)
+    rows = axis_tiles(height, cfg.tile_h, cfg.overlap, False, align)
+    cols = axis_tiles(width, cfg.tile_w, cfg.overlap, wrap, align)
     pieces = [Piece(r, c) for r in rows for c in cols]
     if cfg.mode == "diffcollage":
         r_all = [(r, "tile") for r in rows] + [(r, "overlap") for r in axis_overlaps(rows, height, False)]
@@ -327,8 +338,8 @@ def tiled_call(x: torch.Tensor, plan: Plan, weights: list[torch.Tensor], batch_s
     for idx in batches(plan, batch_size):
         xb = torch.cat([crop(x, plan.pieces[i], plan.height, plan.width) for i in idx], dim=0)
         yb = call(idx, xb)
-        if out is None:
-            out = torch.zeros(x.shape[:-3] + (yb.shape[-3],) + x.shape[-2:], dtype=yb.dtype, device=yb.device)
+        if out is None:                  # (B, C_out[, frames], H, W): the output's own channels
+            out = torch.zeros((B,) + yb.shape[1:-2] + x.shape[-2:], dtype=yb.dtype, device=yb.device)
         for j, i in enumerate(idx):
             w = weights[i].to(device=yb.device, dtype=yb.dtype)
             accumulate(out, yb[j * B:(j + 1) * B] * w, plan.pieces[i], plan.height, plan.width)
@@ -346,18 +357,24 @@ def batch_spatial(t: torch.Tensor, pieces: list[Piece], height: int, width: int)
     return torch.cat([crop(t, p, height, width) for p in pieces], dim=0)
 
 
-def is_spatial(t, B: int, height: int, width: int) -> bool:
-    return (torch.is_tensor(t) and t.ndim == 4 and t.shape[0] == B
+def is_spatial(t, B: int, height: int, width: int, ndims=(4,)) -> bool:
+    return (torch.is_tensor(t) and t.ndim in ndims and t.shape[0] == B
             and level_of(height, width, t.shape[-2], t.shape[-1]) is not None)
 
 
-def batch_kwarg(t, pieces: list[Piece], B: int, height: int, width: int):
+def batch_kwarg(t, pieces: list[Piece], B: int, height: int, width: int, ndims=(4,), lists: bool = False):
     """A model input for a batch of pieces: spatial (B, C, h, w) tensors at the canvas size or one
-    of its levels are cropped, other (B, ...) tensors repeated per piece, anything else unchanged."""
-    if is_spatial(t, B, height, width):
+    of its levels are cropped, other (B, ...) tensors repeated per piece, anything else unchanged.
+    `ndims`: the ranks of spatial tensors ((4, 5) where video / 5-D image latents are tiled over
+    their last two dims); `lists`: the (B, ...) tensors of a list (reference latents of DiT edit
+    models: whole images, not crops of the canvas) are repeated per piece too."""
+    if is_spatial(t, B, height, width, ndims):
         return batch_spatial(t, pieces, height, width)
     if torch.is_tensor(t) and t.ndim >= 1 and t.shape[0] == B:
         return repeat_rows(t, len(pieces))
+    if lists and isinstance(t, list):
+        return [repeat_rows(v, len(pieces)) if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == B else v
+                for v in t]
     return t
 
 
