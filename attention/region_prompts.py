@@ -51,7 +51,8 @@ BOOTSTRAP_COLOURS = ("random", "grey")
 
 @dataclass(frozen=True, eq=False)
 class Region:
-    """One region prompt: a mask (H, W) of any size and/or boxes (fractions), and a strength."""
+    """One region prompt: a mask (H, W) of any size and/or boxes (fractions), and a strength. A
+    video region on a DiT model may carry one mask per frame, (F, H, W) (`dit_regions`)."""
     prompt: str
     mask: torch.Tensor | None = None
     boxes: tuple[Box, ...] = ()
@@ -94,8 +95,9 @@ def check_region(region: Region, where: str) -> Region:
         raise AttentionControlError(f"{where}: connect a MASK or BOXES for the region {region.describe()}")
     if region.mask is not None:
         m = region.mask
-        if m.ndim != 2:
-            raise AttentionControlError(f"{where}: the mask must be one (H, W) mask, got shape {tuple(m.shape)}")
+        if m.ndim not in (2, 3) or (m.ndim == 3 and m.shape[0] < 1):
+            raise AttentionControlError(f"{where}: the mask must be one (H, W) mask (or (F, H, W), one per frame "
+                                        f"of a video), got shape {tuple(m.shape)}")
         if not torch.isfinite(m).all():
             raise AttentionControlError(f"{where}: the mask of {region.describe()} has non-finite values")
         if float(m.max()) <= 0.0 and not region.boxes:
@@ -126,11 +128,13 @@ def region_weights(regions, h: int, w: int, background: bool = True) -> tuple[li
 def bootstrap_latent(x: torch.Tensor, sigma: torch.Tensor, keep: torch.Tensor, colour: torch.Tensor,
                      noise: torch.Tensor, noise_scaling) -> torch.Tensor:
     """x * keep + noise_scaling(sigma, noise, colour) * (1 - keep), row by row: keep (R, 1, H, W) in
-    [0, 1] (1 = the row's own latent), colour (R, C) constant latents, noise (R, C, H, W), sigma (R,).
+    [0, 1] (1 = the row's own latent), colour (R, C) constant latents, noise (R, C, H, W) (or
+    (R, C, T, H, W) for video latents, keep broadcast over frames), sigma (R,).
     Rows with keep == 1 come back bit-identical."""
     keep = keep.to(device=x.device, dtype=x.dtype)
-    bg = noise_scaling(sigma.to(x), noise.to(device=x.device, dtype=x.dtype),
-                       colour.to(device=x.device, dtype=x.dtype)[:, :, None, None].expand_as(x))
+    c = colour.to(device=x.device, dtype=x.dtype)
+    c = c.reshape(tuple(c.shape) + (1,) * (x.ndim - 2)).expand_as(x)      # (R, C, [T,] H, W): video latents too
+    bg = noise_scaling(sigma.to(x), noise.to(device=x.device, dtype=x.dtype), c)
     return x * keep + bg * (1.0 - keep)
 
 
