@@ -5,6 +5,9 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector
+from ..attention.dit_layers import DitLayerSelector, check_layer_text
+from ..attention.dit_regions import (DIT_REGION_KEY, IMAGE_ATTENTION, DitPaintController, DitRegionController)
+from ..attention.dit_router import is_dit
 from ..attention.layout import boxes_to_masks
 from ..attention.region_prompts import (BOOTSTRAP_COLOURS, REGION_KEY, Region, RegionController, Regions, RegionTag,
                                         check_region, linear_rgb_to_latent, region_weights)
@@ -26,7 +29,8 @@ class PaintWithWords(io.ComfyNode):
             category=f"{CATEGORY}/regions",
             description="eDiff-I paint-with-words: phrases of the prompt are painted onto regions (boxes or masks) "
                         "by biasing their cross-attention logits there (cond rows only, masks resized per layer). "
-                        "The collage mode adds Collage Diffusion's inside/outside bias.",
+                        "The collage mode adds Collage Diffusion's inside/outside bias. On DiT models the bias goes "
+                        "on the image-query x word-key scores of joint attention (Wan: text cross-attention).",
             inputs=[
                 io.Model.Input("model", tooltip="The model (cloned; the input stays unpatched)."),
                 io.Clip.Input("clip", tooltip="The CLIP of the model: encodes the prompt, finds the phrases."),
@@ -43,7 +47,10 @@ class PaintWithWords(io.ComfyNode):
                                tooltip="Collage mode: bias inside the region."),
                 io.Float.Input("collage_negative", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Collage mode: negative bias outside the region."),
-                io.String.Input("layers", default="all", tooltip="Cross-attention layers to paint (see README)."),
+                io.String.Input("layers", default="all",
+                                tooltip="Cross-attention layers to paint (see README). DiT models (Flux, SD3, Wan, "
+                                        "Qwen-Image, Lumina 2...): all, double, single, joint, block, layer, ranges "
+                                        "such as double:0-9, or depth fractions such as 0.5-1.0."),
                 io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01,
                                tooltip="Fraction of the steps during which the painting acts."),
                 BoxesType.Input("boxes", optional=True, tooltip="BOXES: each box paints its phrase."),
@@ -95,13 +102,18 @@ class PaintWithWords(io.ComfyNode):
             raise AttentionControlError(f"strengths: '{unknown[0]}' is not one of the painted phrases")
         phrases = [PaintedPhrase(p, list(s.positions), mk, strength.get(p, 1.0))
                    for (p, mk), s in zip(regions, specs)]
-        ctrl = PaintWithWordsController(phrases, prompt_len, weight, mode, collage_positive, collage_negative,
-                                        LayerSelector.parse(layers), 0.0, end_percent)
+        if is_dit(model):
+            ctrl = DitPaintController(phrases, prompt_len, weight, mode, collage_positive, collage_negative,
+                                      DitLayerSelector.parse(layers), 0.0, end_percent)
+        else:
+            ctrl = PaintWithWordsController(phrases, prompt_len, weight, mode, collage_positive, collage_negative,
+                                            LayerSelector.parse(layers), 0.0, end_percent)
         positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
         return io.NodeOutput(attach(model, ctrl), positive)
 
 
 RegionsType = io.Custom("REGIONS")
+DIT_METHODS = ("attention mask", "multidiffusion")
 
 STRENGTH_FORM = "'phrase: s' with a finite s >= 0 (e.g. 'sky: 0.3')"
 
@@ -124,15 +136,18 @@ def check_paint_widgets(values: dict) -> None:
     if values.get("strengths") is not None:
         parse_strengths(values["strengths"])
     if values.get("layers") is not None:
-        LayerSelector.parse(values["layers"])
+        check_layer_text(values["layers"])
 
 
-def single_mask(mask, input_name: str, where: str):
-    """A MASK input as one (H, W) mask: a batch of one is taken, a larger batch is an error; NaN / inf
-    pixels are an error (they would become an empty or a full region)."""
+def single_mask(mask, input_name: str, where: str, frames: bool = False):
+    """A MASK input as one (H, W) mask: a batch of one is taken, a larger batch is an error (with
+    `frames`: kept as (F, H, W), one mask per video frame); NaN / inf pixels are an error (they would
+    become an empty or a full region)."""
     if mask is None:
         return None
     m = check_mask(input_name, mask, where)
+    if frames and m.shape[0] > 1:
+        return m
     if m.shape[0] != 1:
         raise AttentionControlError(
             f"{input_name}: {where} got a batch of {m.shape[0]} masks; a region takes one mask: chain one Region "
@@ -156,7 +171,8 @@ class RegionPrompt(io.ComfyNode):
                                         "the box's phrase."),
                 io.Float.Input("strength", default=1.0, min=0.0, max=10.0, step=0.05,
                                tooltip="Weight of the region in the per-pixel average where regions overlap "
-                                       "(MultiDiffusion's W_i = strength x mask)."),
+                                       "(MultiDiffusion's W_i = strength x mask). Unused by the attention-mask method "
+                                       "on DiT models."),
                 RegionsType.Input("regions", optional=True, tooltip="Regions added so far (chain the nodes)."),
                 io.Mask.Input("mask", optional=True,
                               tooltip="The region: one MASK of any size (pixel or latent space, soft or binary); "
@@ -164,6 +180,10 @@ class RegionPrompt(io.ComfyNode):
                 BoxesType.Input("boxes", optional=True,
                                 tooltip="BOXES (the box editor): with a prompt, the region is their union (and the "
                                         "mask's); without, one region per box."),
+                io.Boolean.Input("per_frame_masks", default=False, optional=True,
+                                 tooltip="Video DiT models (Wan), attention-mask method only: a MASK batch is one mask "
+                                         "per frame (one per latent frame, or one per decoded frame), so the region "
+                                         "can move. Off: the mask must be a single mask, used for every frame."),
             ],
             outputs=[RegionsType.Output(display_name="regions")],
         )
@@ -173,10 +193,10 @@ class RegionPrompt(io.ComfyNode):
         return validation_result(cls, locals())
 
     @classmethod
-    def execute(cls, prompt, strength, regions=None, mask=None, boxes=None):
+    def execute(cls, prompt, strength, regions=None, mask=None, boxes=None, per_frame_masks=False):
         check_widgets(cls, locals())
         where = f"region {len(regions or ()) + 1}"
-        m = single_mask(mask, "mask", where)
+        m = single_mask(mask, "mask", where, frames=bool(per_frame_masks))
         new = []
         if prompt.strip():
             new.append(check_region(Region(prompt.strip(), m, tuple(boxes or ()), float(strength)), where))
@@ -225,7 +245,10 @@ class RegionConditioning(io.ComfyNode):
             description="MultiDiffusion region-based generation: one prompt per region, the background prompt "
                         "elsewhere, averaged per pixel every step (ComfyUI's masked conditioning), with bootstrapping "
                         "(regions see a random constant-colour background for the first steps). Works with every "
-                        "sampler node and with Tiled Diffusion.",
+                        "sampler node and with Tiled Diffusion. On DiT models (Flux, SD3, Wan, Qwen-Image, Lumina 2, "
+                        "Z-Image...) the default is regional attention masks instead: the regions' prompts are "
+                        "appended to the background (base) prompt's tokens and each region's image tokens attend to "
+                        "the base prompt and their own region's prompt only (one model call per step).",
             inputs=[
                 io.Model.Input("model", tooltip="The model (cloned; the input stays unpatched)."),
                 io.Clip.Input("clip", tooltip="Encodes the region and background prompts."),
@@ -240,21 +263,113 @@ class RegionConditioning(io.ComfyNode):
                                tooltip="The constant backgrounds of bootstrapping: random RGB colours (the paper) or "
                                        "random grey levels (for models whose backgrounds a saturated colour would "
                                        "tint)."),
+                io.Combo.Input("dit_method", options=list(DIT_METHODS), default="attention mask", optional=True,
+                               tooltip="DiT models only. attention mask: one model call with the regions' prompts "
+                                       "appended to the background prompt, attention masked per region (background "
+                                       "prompt = the base prompt every image token sees; bootstrap unused). "
+                                       "multidiffusion: the UNet method (one model call per region, averaged per "
+                                       "pixel, with bootstrapping)."),
+                io.Combo.Input("image_attention", options=list(IMAGE_ATTENTION), default="region", optional=True,
+                               tooltip="DiT attention-mask method only: image tokens of a region attend to the image "
+                                       "tokens of their region, background tokens to the background (region: as "
+                                       "Chen et al. 2024, Regional Prompting for DiTs), or every image token to every "
+                                       "image token (full)."),
+                io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="DiT attention-mask method only: first fraction of the steps with the region "
+                                       "masks. Outside [start, end) the model sees the background prompt alone."),
+                io.Float.Input("end_percent", default=1.0, min=0.0, max=1.0, step=0.01, optional=True,
+                               tooltip="DiT attention-mask method only: fraction of the steps at which the region "
+                                       "masks stop; later steps see the background prompt alone (Chen et al.: about "
+                                       "0.4, with a background prompt that describes the whole image)."),
+                io.String.Input("layers", default="all", optional=True,
+                                tooltip="DiT attention-mask method only: blocks whose attention is masked (all, "
+                                        "double, single, joint, block, layer, double:0-9, 0.5-1.0, comma-separated); "
+                                        "the other blocks attend to every prompt while the masks are on."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive")],
         )
 
     @classmethod
-    def validate_inputs(cls, bootstrap=None, bootstrap_colours=None):
-        return validation_result(cls, locals())
+    def validate_inputs(cls, bootstrap=None, bootstrap_colours=None, dit_method=None, image_attention=None,
+                        start_percent=None, end_percent=None, layers=None):
+        return validation_result(cls, locals(), check_region_widgets)
 
     @classmethod
-    def execute(cls, model, clip, regions, background_prompt, bootstrap, bootstrap_colours="random"):
+    def execute(cls, model, clip, regions, background_prompt, bootstrap, bootstrap_colours="random",
+                dit_method="attention mask", image_attention="region", start_percent=0.0, end_percent=1.0,
+                layers="all"):
         check_widgets(cls, locals())
+        check_region_widgets(locals())
+
         def encode(text):
             return clip.encode_from_tokens_scheduled(clip.tokenize(text))
+        if is_dit(model) and dit_method == "attention mask":
+            return io.NodeOutput(*dit_region_conditioning(model, encode, regions, background_prompt, image_attention,
+                                                          start_percent, end_percent, layers))
         return io.NodeOutput(*region_conditioning(model, encode, regions, background_prompt, bootstrap,
                                                   bootstrap_colours))
+
+
+def check_region_widgets(values: dict) -> None:
+    """The checks that follow from Region Conditioning's widget values alone (validate_inputs)."""
+    a, b = values.get("start_percent"), values.get("end_percent")
+    if a is not None and b is not None and a > b:
+        raise AttentionControlError(f"start_percent: {a:g} is above end_percent {b:g}; use start_percent <= "
+                                    "end_percent")
+    if values.get("layers") is not None:
+        DitLayerSelector.parse(values["layers"], "layers")
+
+
+def _one_conditioning(encoded, where: str):
+    if not encoded or len(encoded) != 1:
+        raise AttentionControlError(
+            f"{where}: the text encoder gave {len(encoded or [])} conditioning entries for one prompt (scheduled "
+            "text-encoder hooks?); region prompts on DiT models take one entry per prompt")
+    ctx, extra = encoded[0][0], encoded[0][1]
+    if not torch.is_tensor(ctx) or ctx.ndim != 3 or ctx.shape[1] < 1:
+        raise AttentionControlError(f"{where}: the text encoder gave no (batch, tokens, channels) context")
+    return ctx, dict(extra)
+
+
+def dit_region_conditioning(model, encode, regions, base_prompt: str, image_attention: str = "region",
+                            start: float = 0.0, end: float = 1.0, layers: str = "all"):
+    """(patched model, positive) for attention-mask region prompts on a DiT model: one conditioning
+    entry whose context is the base prompt's tokens followed by each region's (the controller knows
+    the parts' lengths); the base prompt's other outputs (pooled vector, ...) are kept.
+    `encode(text)` -> CONDITIONING."""
+    regions = tuple(regions or ())
+    if not regions:
+        raise AttentionControlError("regions: connect at least one Region Prompt")
+    for i, r in enumerate(regions):
+        check_region(r, f"regions: region {i + 1}")
+    parts = [_one_conditioning(encode(base_prompt), "background_prompt")]
+    parts += [_one_conditioning(encode(r.prompt), f"regions: region {i + 1} {r.describe()}")
+              for i, r in enumerate(regions)]
+    base = parts[0][0]
+    for i, (ctx, _) in enumerate(parts[1:]):
+        if ctx.shape[0] != base.shape[0] or ctx.shape[2] != base.shape[2]:
+            raise AttentionControlError(
+                f"regions: region {i + 1} {regions[i].describe()} encodes to a context of shape {tuple(ctx.shape)}, "
+                f"the background prompt to {tuple(base.shape)}; batch and width must match (same text encoder, one "
+                "prompt each)")
+    lengths = [int(c.shape[1]) for c, _ in parts]
+    context = torch.cat([c.to(base) for c, _ in parts], dim=1)
+    extra = parts[0][1]
+    masks = [e.get("attention_mask") for _, e in parts]
+    if any(m is not None for m in masks):
+        if not all(m is None or (torch.is_tensor(m) and m.ndim == 2 and m.shape[-1] == n)
+                   for m, n in zip(masks, lengths)):
+            raise AttentionControlError(
+                "background_prompt: the conditioning carries an attention mask over the image as well as the text "
+                "(e.g. from a style model); region prompts on DiT models need conditioning without it")
+        extra["attention_mask"] = torch.cat(
+            [m if m is not None else torch.ones(base.shape[0], n, dtype=next(x for x in masks if x is not None).dtype)
+             for m, n in zip(masks, lengths)], dim=1)
+    ctrl = DitRegionController(regions, lengths, image_attention, start, end,
+                               DitLayerSelector.parse(layers or "all", "layers"))
+    patched = attach(model, ctrl)
+    extra[DIT_REGION_KEY] = ctrl.tag()
+    return patched, [[context, extra]]
 
 
 def region_conditioning(model, encode, regions, background_prompt: str, bootstrap: float, colours: str = "random"):
@@ -265,6 +380,10 @@ def region_conditioning(model, encode, regions, background_prompt: str, bootstra
         raise AttentionControlError("regions: connect at least one Region Prompt")
     for i, r in enumerate(regions):
         check_region(r, f"regions: region {i + 1}")
+        if r.mask is not None and r.mask.ndim == 3:
+            raise AttentionControlError(
+                f"regions: region {i + 1} {r.describe()} has one mask per frame ({r.mask.shape[0]}); per-frame masks "
+                "work with the attention-mask method on video DiT models (Wan); give one mask here")
     h, w = _node_canvas(regions)
     masks, bg = region_weights(regions, h, w)
     ms = model.get_model_object("model_sampling")
