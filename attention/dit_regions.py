@@ -179,8 +179,8 @@ def canvas_grid(piece, tile_grid: tuple, canvas_hw: tuple) -> tuple:
 
 
 def _tile_of_chunks(call: DitCall):
-    """(pieces, chunks per piece) of a tiled model call (Tiled Diffusion stacks its pieces' rows,
-    piece-major), or ([None], all chunks)."""
+    """(pieces, chunks per piece, canvas (H, W)) of a tiled model call (Tiled Diffusion stacks its
+    pieces' rows, piece-major), or ([None], all chunks, None)."""
     tile = call.transformer_options.get(TILE_KEY)
     pieces = list(tile["pieces"]) if isinstance(tile, dict) and tile.get("pieces") else [None]
     return pieces, max(len(call.cond_or_uncond) // len(pieces), 1), (tile["canvas"] if pieces[0] is not None
