@@ -269,11 +269,13 @@ class RegionConditioning(io.ComfyNode):
                                        "prompt = the base prompt every image token sees; bootstrap unused). "
                                        "multidiffusion: the UNet method (one model call per region, averaged per "
                                        "pixel, with bootstrapping)."),
-                io.Combo.Input("image_attention", options=list(IMAGE_ATTENTION), default="region", optional=True,
-                               tooltip="DiT attention-mask method only: image tokens of a region attend to the image "
-                                       "tokens of their region, background tokens to the background (region: as "
-                                       "Chen et al. 2024, Regional Prompting for DiTs), or every image token to every "
-                                       "image token (full)."),
+                io.Combo.Input("image_attention", options=list(IMAGE_ATTENTION), default="full", optional=True,
+                               tooltip="DiT attention-mask method only: every image token attends to every image "
+                                       "token (full, default: the regions' text masks alone place the objects and "
+                                       "the picture stays whole), or image tokens of a region attend only to the "
+                                       "image tokens of their region, background tokens to the background (region: "
+                                       "Chen et al. 2024's restriction; on the shapes-world DiT it fills each box "
+                                       "with its colour and breaks the background)."),
                 io.Float.Input("start_percent", default=0.0, min=0.0, max=1.0, step=0.01, optional=True,
                                tooltip="DiT attention-mask method only: first fraction of the steps with the region "
                                        "masks. Outside [start, end) the model sees the background prompt alone."),
@@ -296,7 +298,7 @@ class RegionConditioning(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, clip, regions, background_prompt, bootstrap, bootstrap_colours="random",
-                dit_method="attention mask", image_attention="region", start_percent=0.0, end_percent=1.0,
+                dit_method="attention mask", image_attention="full", start_percent=0.0, end_percent=1.0,
                 layers="all"):
         check_widgets(cls, locals())
         check_region_widgets(locals())
@@ -331,7 +333,7 @@ def _one_conditioning(encoded, where: str):
     return ctx, dict(extra)
 
 
-def dit_region_conditioning(model, encode, regions, base_prompt: str, image_attention: str = "region",
+def dit_region_conditioning(model, encode, regions, base_prompt: str, image_attention: str = "full",
                             start: float = 0.0, end: float = 1.0, layers: str = "all"):
     """(patched model, positive) for attention-mask region prompts on a DiT model: one conditioning
     entry whose context is the base prompt's tokens followed by each region's (the controller knows

@@ -661,7 +661,7 @@ def test_regions_and_paint_under_tiled_diffusion():
     noise = torch.randn(t.x.shape, generator=g)
     lat = torch.zeros_like(t.x)
     base, tap = tapped(t.patcher)
-    m, pos = dit_region_conditioning(base, enc, two_regions(), "base")
+    m, pos = dit_region_conditioning(base, enc, two_regions(), "base", "region")
     get_dit_router(m).controllers[-1].execution = "mask"
     ref = sample(m, noise, pos, enc("negative"), lat, steps=1, cfg=1.0)
     assert torch.equal(sample(_tiled(m, 128), noise, pos, enc("negative"), lat, steps=1, cfg=1.0), ref)
