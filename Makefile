@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY = .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv browser test test-semantic demo bench shapes-model clean
+.PHONY: venv browser test test-semantic demo bench shapes-model shapes-model-dit clean
 
 venv:
 	@v=$$(bash scripts/host.sh) && ln -sfn "$$v" .venv
@@ -28,6 +28,9 @@ bench: venv
 
 shapes-model: venv
 	$(PY) -m shapesworld.train --out shapesworld/weights/shapes_world.safetensors --steps 2600
+
+shapes-model-dit: venv
+	$(PY) -m shapesworld.train_dit --out shapesworld/weights/shapes_world_dit.safetensors --steps 650
 
 clean:
 	rm -rf out bench/_runs .venv

@@ -1,4 +1,5 @@
-"""Node: AttnCtl_ShapesWorldLoader (the small trained "shapes world" model shipped with the pack)."""
+"""Nodes: AttnCtl_ShapesWorldLoader and AttnCtl_ShapesWorldDiTLoader (the small trained "shapes world"
+models shipped with the pack: a UNet and a Flux-class DiT)."""
 from __future__ import annotations
 
 import os
@@ -35,4 +36,32 @@ class ShapesWorldLoader(io.ComfyNode):
         return io.NodeOutput(model, clip, vae)
 
 
-NODES = [ShapesWorldLoader]
+class ShapesWorldDiTLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_ShapesWorldDiTLoader",
+            display_name="Shapes World DiT Loader (test model)",
+            category=f"{CATEGORY}/debug",
+            description="Loads the tiny Flux-class transformer (DiT) trained on the same synthetic shapes as the "
+                        "Shapes World Loader's UNet: ComfyUI's own Flux model (joint attention in double and single "
+                        "blocks, RoPE, rectified flow, no guidance embedding, so ordinary CFG). It runs on CPU in "
+                        "seconds and is used by the semantic tests of the DiT attention techniques. Use it with the "
+                        "stock CLIPTextEncode, KSampler, EmptyLatentImage (256x256 -> 32x32 latent) and VAEDecode.",
+            inputs=[],
+            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+                     io.Vae.Output(display_name="VAE")],
+        )
+
+    @classmethod
+    def execute(cls):
+        from ..shapesworld.comfy_glue import load_shapes_world_dit
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "shapesworld", "weights", "shapes_world_dit.safetensors")
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"shapes world DiT weights not found at {path}: run `make shapes-model-dit`")
+        model, clip, vae = load_shapes_world_dit(path)
+        return io.NodeOutput(model, clip, vae)
+
+
+NODES = [ShapesWorldLoader, ShapesWorldDiTLoader]

@@ -8,8 +8,16 @@
 - Text encoder: ComfyUI's SD1 CLIP (``SD1ClipModel`` + ``SD1Tokenizer`` in ``comfy.sd.CLIP``) with
   frozen random weights drawn from a fixed seed at load time (never downloaded, never shipped).
 
+DiT world (issue 17): ComfyUI's own Flux transformer (``comfy.ldm.flux.model.Flux`` inside
+``comfy.model_base.Flux``) through ``ShapesWorldDiTConfig``: rectified flow (``ModelType.FLOW``), joint
+attention in double and single blocks, RoPE, no guidance embedding (ordinary CFG), the same latent,
+CLIP (context (B, 77, 768) -> ``txt_in``; pooled output (B, 768) -> ``vector_in`` through
+``encode_adm``) and VAE as the UNet world.
+
 Public API: ``load_shapes_world(weights_path=None) -> (model_patcher, clip, vae)``,
-``build_unet_model(seed=None)``, ``build_clip()``, ``latent_to_rgb``, ``rgb_to_latent``.
+``load_shapes_world_dit(weights_path=None) -> (model_patcher, clip, vae)``,
+``build_unet_model(seed=None)``, ``build_dit_model(seed=None)``, ``build_clip()``, ``latent_to_rgb``,
+``rgb_to_latent``.
 """
 from __future__ import annotations
 
@@ -28,6 +36,8 @@ import comfy.supported_models_base
 logger = logging.getLogger(__name__)
 
 DEFAULT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights", "shapes_world.safetensors")
+DEFAULT_DIT_WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "weights",
+                                   "shapes_world_dit.safetensors")
 
 CLIP_SEED = 20240917
 CLIP_LAYERS = 4
@@ -165,6 +175,123 @@ def load_unet_weights(model, weights_path: str) -> None:
     sd = safetensors.torch.load_file(weights_path)
     sd = {k[len("diffusion_model."):] if k.startswith("diffusion_model.") else k: v.float() for k, v in sd.items()}
     model.diffusion_model.load_state_dict(sd, strict=True)
+
+
+# --------------------------------------------------------------------------------------------
+# DiT world: ComfyUI's Flux transformer, rectified flow
+
+# FluxParams of comfy.ldm.flux.model.Flux. in_channels / out_channels are LATENT channels: the model
+# patchifies 2x2 itself (img_in takes 4 * 2 * 2 = 16 features), so a 32x32 latent is 16x16 = 256
+# image tokens after the 77 text tokens. Head dim 128 / 4 = 32 = sum(axes_dim): RoPE axes (index,
+# row, column); text ids are all 0. theta 256 spreads the six row / column frequencies over a
+# 16-token grid (10000 leaves four of them nearly constant there).
+DIT_CONFIG = {
+    "image_model": "flux",
+    "in_channels": 4,
+    "out_channels": 4,
+    "patch_size": 2,
+    "vec_in_dim": 768,
+    "context_in_dim": 768,
+    "hidden_size": 128,
+    "mlp_ratio": 4.0,
+    "num_heads": 4,
+    "depth": 2,
+    "depth_single_blocks": 4,
+    "axes_dim": [8, 12, 12],
+    "theta": 256,
+    "qkv_bias": True,
+    "guidance_embed": False,
+}
+# ModelSamplingDiscreteFlow: sigma(t) = shift t / (1 + (shift - 1) t); the model sees timestep = sigma
+# (multiplier 1, as Flux schnell: Flux's timestep_embedding multiplies by 1000 itself)
+DIT_SHIFT = 1.0
+
+
+class ShapesWorldDiTConfig(comfy.supported_models_base.BASE):
+    unet_config = dict(DIT_CONFIG)
+    unet_extra_config = {}
+    latent_format = ShapesWorldLatent
+    sampling_settings = {"shift": DIT_SHIFT, "multiplier": 1.0}
+    memory_usage_factor = 1.0
+    supported_inference_dtypes = [torch.float32]
+
+    def model_type(self, state_dict, prefix=""):
+        import comfy.model_base
+        return comfy.model_base.ModelType.FLOW
+
+    def get_model(self, state_dict, prefix="", device=None):
+        import comfy.model_base
+        return comfy.model_base.Flux(self, model_type=comfy.model_base.ModelType.FLOW, device=device)
+
+
+def _dit_model_config(shift: float | None = None) -> ShapesWorldDiTConfig:
+    cfg = ShapesWorldDiTConfig(dict(DIT_CONFIG))
+    if shift is not None:
+        cfg.sampling_settings["shift"] = float(shift)
+    cfg.set_inference_dtype(torch.float32, None)
+    return cfg
+
+
+def _init_dit_weights(dm: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's ops skip weight init: PyTorch's default init for every Linear (deterministic), RMSNorm
+    scales 1 (they are created with torch.empty), and adaLN-zero as in DiT: every modulation and the
+    final layer start at zero, so each block starts as the identity and the model predicts 0."""
+    from comfy.ldm.flux.layers import LastLayer, Modulation, RMSNorm
+    g_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        with torch.no_grad():
+            for m in dm.modules():
+                if isinstance(m, torch.nn.Linear):
+                    torch.nn.Linear.reset_parameters(m)
+                elif isinstance(m, RMSNorm):
+                    m.scale.fill_(1.0)
+            for m in dm.modules():
+                if isinstance(m, Modulation):
+                    torch.nn.init.zeros_(m.lin.weight)
+                    torch.nn.init.zeros_(m.lin.bias)
+                elif isinstance(m, LastLayer):
+                    for lin in (m.linear, m.adaLN_modulation[-1]):
+                        torch.nn.init.zeros_(lin.weight)
+                        torch.nn.init.zeros_(lin.bias)
+    finally:
+        torch.random.set_rng_state(g_state)
+
+
+def build_dit_model(seed: int | None = None, shift: float | None = None):
+    """A ``comfy.model_base.Flux`` (ModelType.FLOW) around ComfyUI's ``Flux`` transformer with the
+    shapes-world DiT config, CPU, fp32. With ``seed`` the weights get a deterministic init (training);
+    without it they are left to be loaded."""
+    cfg = _dit_model_config(shift)
+    model = cfg.get_model({}, device=torch.device("cpu"))
+    model.diffusion_model.to(torch.float32)
+    if seed is not None:
+        _init_dit_weights(model.diffusion_model, seed)
+    return model
+
+
+def weights_metadata(weights_path: str) -> dict:
+    import safetensors
+    with safetensors.safe_open(weights_path, framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
+def load_shapes_world_dit(weights_path: str | None = None, shift: float | None = None):
+    """(model_patcher, clip, vae) for the trained shapes-world DiT: ComfyUI's Flux class, rectified
+    flow with ``shift`` or else the shift recorded in the weights (DIT_SHIFT otherwise), stored fp16 and
+    loaded fp32; the CLIP and VAE are the UNet world's."""
+    path = weights_path or DEFAULT_DIT_WEIGHTS
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"shapes-world DiT weights not found at {path}: run `make shapes-model-dit`")
+    if shift is None:
+        meta = weights_metadata(path)
+        shift = float(meta["shift"]) if "shift" in meta else None
+    model = build_dit_model(seed=None, shift=shift)
+    load_unet_weights(model, path)
+    patcher = comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(),
+        offload_device=comfy.model_management.unet_offload_device())
+    return patcher, build_clip(), ShapesWorldVAE()
 
 
 # --------------------------------------------------------------------------------------------

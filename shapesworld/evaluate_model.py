@@ -1,11 +1,15 @@
 """Sample the shapes-world model with ComfyUI's real sampler and measure it.
 
     python -m shapesworld.evaluate_model --weights PATH --n 64 [--cfg 6 --steps 20 --sampler euler]
+    python -m shapesworld.evaluate_model --dit --n 64           # the DiT world (Flux class, rectified flow)
 
 Reports: colour presence %, shape accuracy % (over the caption's objects), and the pointing game on
 the 16x16 cross-attention maps (cond rows, summed over the 16x16 layers, heads and steps) for the
-colour word and for the shape word of each object that was generated. Captions are drawn from the
-training distribution with a fixed seed. Optionally writes a PNG grid of the samples.
+colour word and for the shape word of each object that was generated. With --dit the maps are the
+joint attention's: image-query x word-key probabilities of the softmax over all text and image keys,
+computed explicitly in an ``optimized_attention_override`` (cond rows, mean over heads, summed over
+every double and single block and the steps). Captions are drawn from the training distribution
+with a fixed seed. Optionally writes a PNG grid of the samples.
 """
 from __future__ import annotations
 
@@ -23,13 +27,19 @@ import torch
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 logger = logging.getLogger("shapesworld.evaluate_model")
 
+UNET_CFG = 6.0
+DIT_CFG = 5.0
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", default=None, help="UNet safetensors (default: shapesworld/weights/shapes_world.safetensors)")
+    p.add_argument("--weights", default=None, help="UNet safetensors (default: shapesworld/weights/shapes_world.safetensors; "
+                                                   "with --dit shapesworld/weights/shapes_world_dit.safetensors)")
+    p.add_argument("--dit", action="store_true", help="the DiT world (ComfyUI's Flux class): joint-attention maps")
+    p.add_argument("--shift", type=float, default=None, help="--dit: sampling shift (default: the weights')")
     p.add_argument("--n", type=int, default=64, help="number of captions / samples")
     p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--cfg", type=float, default=6.0)
+    p.add_argument("--cfg", type=float, default=None, help=f"CFG scale (default {UNET_CFG:g}; --dit {DIT_CFG:g})")
     p.add_argument("--sampler", default="euler")
     p.add_argument("--scheduler", default="normal")
     p.add_argument("--seed", type=int, default=7, help="caption and noise seed")
@@ -81,6 +91,37 @@ class AttnStore:
         return out
 
 
+class JointAttnStore:
+    """``optimized_attention_override`` for DiT (Flux) models: the host's attention output, plus the
+    cond rows' image-query x text-key probabilities of the JOINT softmax (over all text and image
+    keys; explicit scores, mean over heads), summed over every call (double and single blocks) and
+    step: ``maps`` (B, N_img, N_txt). Flux's calls are (B, H, N, D) with text tokens first."""
+
+    def __init__(self, n_txt: int = 77):
+        self.n_txt = n_txt
+        self.maps = None
+        self.calls = 0
+
+    def __call__(self, func, q, k, v, heads, *args, **kwargs):
+        from .train_dit import joint_probabilities
+        out = func(q, k, v, heads, *args, **kwargs)
+        to = kwargs.get("transformer_options") or {}
+        cou = to.get("cond_or_uncond", [0])
+        mask = kwargs.get("mask")
+        b = q.shape[0] // len(cou)
+        for ci, kind in enumerate(cou):
+            if kind != 0:
+                continue
+            rows = slice(ci * b, (ci + 1) * b)
+            m = mask
+            if m is not None and m.ndim >= 3 and m.shape[0] == q.shape[0]:
+                m = m[rows]
+            p = joint_probabilities(q[rows].float(), k[rows].float(), m)[:, :, self.n_txt:, :self.n_txt].mean(1)
+            self.maps = p.clone() if self.maps is None else self.maps + p
+            self.calls += 1
+        return out
+
+
 def attention_blocks(unet):
     """(block_name, block_id, n_transformer_blocks) for every SpatialTransformer in the UNet."""
     from comfy.ldm.modules.attention import SpatialTransformer
@@ -105,7 +146,11 @@ def run(args) -> dict:
     import comfy.sample
     from . import comfy_glue, data, evaluate
 
-    model, clip, _vae = comfy_glue.load_shapes_world(args.weights)
+    cfg = args.cfg if args.cfg is not None else (DIT_CFG if args.dit else UNET_CFG)
+    if args.dit:
+        model, clip, _vae = comfy_glue.load_shapes_world_dit(args.weights, shift=args.shift)
+    else:
+        model, clip, _vae = comfy_glue.load_shapes_world(args.weights)
     tok = clip.tokenizer.clip_l.tokenizer
     rng = np.random.default_rng(args.seed)
     captions = []
@@ -117,7 +162,7 @@ def run(args) -> dict:
         conds = [clip.encode_from_tokens(clip.tokenize(t), return_pooled=True) for t in texts]
         return torch.cat([c for c, _ in conds]), torch.cat([p for _, p in conds])
 
-    blocks = attention_blocks(model.model.diffusion_model)
+    blocks = [] if args.dit else attention_blocks(model.model.diffusion_model)
     images = []
     stats = {"objects": 0, "present": 0, "shape_ok": 0, "point_colour": 0, "point_shape": 0, "pointed": 0,
              "clean_background": 0}
@@ -129,18 +174,23 @@ def run(args) -> dict:
         ucond, upooled = encode([""])
         positive = [[cond, {"pooled_output": pooled}]]
         negative = [[ucond.repeat(b, 1, 1), {"pooled_output": upooled.repeat(b, 1)}]]
-        store = AttnStore(size=16 * 16)
         m = model.clone()
-        for name, bid, depth in blocks:
-            for ti in range(depth):
-                m.set_model_attn2_replace(store, name, bid, ti)
+        if args.dit:
+            store = JointAttnStore(n_txt=cond.shape[1])
+            m.model_options["transformer_options"] = dict(m.model_options.get("transformer_options", {}),
+                                                          optimized_attention_override=store)
+        else:
+            store = AttnStore(size=16 * 16)
+            for name, bid, depth in blocks:
+                for ti in range(depth):
+                    m.set_model_attn2_replace(store, name, bid, ti)
         latent = torch.zeros(b, 4, 32, 32)
         noise = comfy.sample.prepare_noise(latent, args.seed + start)
-        out = comfy.sample.sample(m, noise, args.steps, args.cfg, args.sampler, args.scheduler, positive, negative,
+        out = comfy.sample.sample(m, noise, args.steps, cfg, args.sampler, args.scheduler, positive, negative,
                                   latent, disable_pbar=True, seed=args.seed + start)
         rgb = comfy_glue.latent_to_rgb(out)
         if store.calls == 0:
-            raise RuntimeError("attention patch never fired on a 16x16 layer")
+            raise RuntimeError("attention patch never fired" + ("" if args.dit else " on a 16x16 layer"))
         for i, cap in enumerate(caps):
             img = rgb[i]
             images.append(img)
@@ -177,9 +227,13 @@ def run(args) -> dict:
         logger.info("%d/%d samples (%.0fs)", start + b, args.n, time.time() - t0)
 
     res = {
-        "weights": args.weights or comfy_glue.DEFAULT_WEIGHTS,
+        "weights": args.weights or (comfy_glue.DEFAULT_DIT_WEIGHTS if args.dit else comfy_glue.DEFAULT_WEIGHTS),
+        "model": "dit (Flux)" if args.dit else "unet",
+        "maps": ("joint attention, image queries x word keys, double + single blocks" if args.dit
+                 else "cross-attention, 16x16 layers"),
+        "shift": (float(model.model.model_sampling.shift) if args.dit else None),
         "n_samples": args.n, "n_objects": stats["objects"],
-        "sampler": args.sampler, "scheduler": args.scheduler, "steps": args.steps, "cfg": args.cfg,
+        "sampler": args.sampler, "scheduler": args.scheduler, "steps": args.steps, "cfg": cfg,
         "colour_present_pct": 100.0 * stats["present"] / max(1, stats["objects"]),
         "shape_right_pct": 100.0 * stats["shape_ok"] / max(1, stats["objects"]),
         "pointing_colour_pct": 100.0 * stats["point_colour"] / max(1, stats["pointed"]),

@@ -66,14 +66,18 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def save_unet(state: dict, path: str, step: int, recipe: str = ""):
+def save_weights(state: dict, path: str, metadata: dict):
+    """A state dict as fp16 safetensors (written to a temporary file, then renamed)."""
     import safetensors.torch
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     sd = {k: v.detach().to(torch.float16).contiguous() for k, v in state.items()}
     tmp = path + ".tmp"
-    safetensors.torch.save_file(sd, tmp, metadata={"format": "pt", "model": "shapes_world", "step": str(step),
-                                                   "prediction": "v", "recipe": recipe})
+    safetensors.torch.save_file(sd, tmp, metadata={"format": "pt", **{k: str(v) for k, v in metadata.items()}})
     os.replace(tmp, path)
+
+
+def save_unet(state: dict, path: str, step: int, recipe: str = ""):
+    save_weights(state, path, {"model": "shapes_world", "step": step, "prediction": "v", "recipe": recipe})
 
 
 class GroundingMaps:
@@ -159,6 +163,85 @@ def lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * 0.5 * (1.0 + math.cos(math.pi * min(1.0, frac)))
 
 
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, step: int, decay: float) -> None:
+    """EMA with warm-up: decay min(decay, (1 + step) / (10 + step))."""
+    with torch.no_grad():
+        d = min(decay, (1.0 + step) / (10.0 + step))
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
+
+
+def caption_cache_key() -> dict:
+    """What the caption-embedding cache depends on: the captions and the CLIP's seed and shape."""
+    from . import comfy_glue, data
+    return {"captions": [""] + data.all_captions(),
+            "clip": [comfy_glue.CLIP_SEED, comfy_glue.CLIP_LAYERS, comfy_glue.CLIP_TOKEN_STD,
+                     comfy_glue.CLIP_POSITION_STD, comfy_glue.CLIP_LINEAR_STD]}
+
+
+def caption_table(emb_cache: str, pooled: bool = False):
+    """Text-encoder outputs of every caption of the world, once: (captions, caption -> row, table
+    (1 + n, 77, 768) with row 0 = "") and, with ``pooled``, the pooled outputs (1 + n, 768) too.
+    Cached in ``emb_cache`` ('' = no cache) under a key of the captions and the CLIP's seed / shape."""
+    from . import comfy_glue, data
+    captions = data.all_captions()
+    index = {c: i + 1 for i, c in enumerate(captions)}
+    key = caption_cache_key()
+    cached = None
+    if emb_cache and os.path.exists(emb_cache):
+        cached = torch.load(emb_cache)
+        if cached.get("key") != key or (pooled and "pooled" not in cached):
+            cached = None
+    if cached is None:
+        clip = comfy_glue.build_clip()
+        with torch.no_grad():
+            outs = [clip.encode_from_tokens(clip.tokenize(c), return_pooled=True) for c in [""] + captions]
+        cached = {"key": key, "table": torch.stack([c.float()[0] for c, _ in outs]),
+                  "pooled": torch.stack([p.float()[0] for _, p in outs])}
+        del clip
+        if emb_cache:
+            torch.save(cached, emb_cache)
+    if pooled:
+        return captions, index, cached["table"], cached["pooled"]
+    return captions, index, cached["table"]
+
+
+class ThreadProbe:
+    """Torch thread count on a shared machine, where 2 threads can be 3x slower than 1: tries each
+    count from 1 to ``max_threads`` and keeps the fastest (smoothed step times), re-probing another
+    count every ``probe_every`` steps as loads change. Call ``step_done(step, seconds)`` after each step."""
+
+    def __init__(self, max_threads: int, probe_every: int = 100, probe_len: int = 4):
+        self.opts = list(range(1, max(1, max_threads) + 1))
+        self.time = {n: None for n in self.opts}
+        self.current = self.opts[-1]
+        self.probe_every, self.probe_len = probe_every, probe_len
+        self.probing = False
+        torch.set_num_threads(self.current)
+
+    def step_done(self, step: int, dt: float) -> None:
+        prev = self.time[self.current]
+        # a probe replaces the (possibly stale) figure; otherwise smooth
+        self.time[self.current] = dt if (prev is None or self.probing) else 0.7 * prev + 0.3 * dt
+        self.probing = False
+        if len(self.opts) > 1 and step > 0:
+            unknown = [n for n in self.opts if self.time[n] is None]
+            if step % self.probe_every == 0 or (unknown and step % self.probe_len == 0):
+                # probe another setting now and then: the machine is shared and loads change
+                nxt = unknown[0] if unknown else self.opts[(self.opts.index(self.current) + 1) % len(self.opts)]
+            else:
+                known = {n: v for n, v in self.time.items() if v is not None}
+                nxt = min(known, key=known.get)
+            if nxt != self.current:
+                self.probing = nxt != min((n for n in self.time if self.time[n] is not None),
+                                          key=lambda n: self.time[n], default=nxt)
+                self.current = nxt
+                torch.set_num_threads(nxt)
+
+    def summary(self) -> dict:
+        return {n: (round(v, 2) if v else None) for n, v in self.time.items()}
+
+
 def main(argv=None):
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
@@ -187,23 +270,7 @@ def main(argv=None):
 
     # text-encoder outputs for the whole (finite) caption set, once
     t0 = time.time()
-    captions = data.all_captions()
-    index = {c: i + 1 for i, c in enumerate(captions)}
-    key = {"captions": [""] + captions, "clip": [comfy_glue.CLIP_SEED, comfy_glue.CLIP_LAYERS, comfy_glue.CLIP_TOKEN_STD,
-                                                   comfy_glue.CLIP_POSITION_STD, comfy_glue.CLIP_LINEAR_STD]}
-    table = None
-    if args.emb_cache and os.path.exists(args.emb_cache):
-        cached = torch.load(args.emb_cache)
-        if cached.get("key") == key:
-            table = cached["table"]
-    if table is None:
-        clip = comfy_glue.build_clip()
-        with torch.no_grad():
-            embs = [clip.encode_from_tokens(clip.tokenize(c)).float()[0] for c in [""] + captions]
-        table = torch.stack(embs)  # (1 + n_captions, 77, 768); row 0 is ""
-        del clip
-        if args.emb_cache:
-            torch.save({"key": key, "table": table}, args.emb_cache)
+    captions, index, table = caption_table(args.emb_cache)  # (1 + n_captions, 77, 768); row 0 is ""
     logger.info("encoded %d captions in %.1fs", table.shape[0], time.time() - t0)
 
     recipe = (f"v-prediction, batch {args.batch}, lr {args.lr:g} cosine over {args.steps} steps, EMA {args.ema:g}, "
@@ -223,17 +290,12 @@ def main(argv=None):
                 else torch.autocast("cpu", enabled=False))
 
     # thread count: on a shared machine 2 threads can be 3x slower than 1; probe and keep the faster
-    thread_opts = list(range(1, max(1, args.threads) + 1))
-    thread_time = {n: None for n in thread_opts}
-    cur_threads = thread_opts[-1]
-    torch.set_num_threads(cur_threads)
-    probe_every, probe_len = 100, 4
+    threads = ThreadProbe(args.threads)
 
     first = 0
     t_start = time.time()
     run_loss = None
     run_g = None
-    probing = False
     last = min(args.steps, args.stop_at) if args.stop_at else args.steps
     for step in range(first, last):
         ts = time.time()
@@ -269,29 +331,8 @@ def main(argv=None):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
         opt.step()
-        with torch.no_grad():
-            d = min(args.ema, (1.0 + step) / (10.0 + step))
-            for pe, pm in zip(ema.parameters(), unet.parameters()):
-                pe.mul_(d).add_(pm.detach(), alpha=1.0 - d)
-
-        dt = time.time() - ts
-        prev = thread_time[cur_threads]
-        # a probe replaces the (possibly stale) figure; otherwise smooth
-        thread_time[cur_threads] = dt if (prev is None or probing) else 0.7 * prev + 0.3 * dt
-        probing = False
-        if len(thread_opts) > 1 and step > 0:
-            unknown = [n for n in thread_opts if thread_time[n] is None]
-            if step % probe_every == 0 or (unknown and step % probe_len == 0):
-                # probe another setting now and then: the machine is shared and loads change
-                nxt = unknown[0] if unknown else thread_opts[(thread_opts.index(cur_threads) + 1) % len(thread_opts)]
-            else:
-                known = {n: v for n, v in thread_time.items() if v is not None}
-                nxt = min(known, key=known.get)
-            if nxt != cur_threads:
-                probing = nxt != min((n for n in thread_time if thread_time[n] is not None),
-                                     key=lambda n: thread_time[n], default=nxt)
-                cur_threads = nxt
-                torch.set_num_threads(nxt)
+        ema_update(ema, unet, step, args.ema)
+        threads.step_done(step, time.time() - ts)
 
         lv = float(per.detach().mean())
         run_loss = lv if run_loss is None else 0.98 * run_loss + 0.02 * lv
@@ -303,8 +344,8 @@ def main(argv=None):
             logger.info("step %d/%d mse %.4f (avg %.4f) ground %s lr %.2e  %.2fs/step  elapsed %.1fmin  eta %.1fmin  "
                         "threads %d %s", step + 1, args.steps, lv, run_loss,
                         "-" if run_g is None else f"{run_g:.4f}", opt.param_groups[0]["lr"],
-                        el / (step + 1 - first), el / 60, el / (step + 1 - first) * (args.steps - step - 1) / 60, cur_threads,
-                        {n: (round(v, 2) if v else None) for n, v in thread_time.items()})
+                        el / (step + 1 - first), el / 60, el / (step + 1 - first) * (args.steps - step - 1) / 60, threads.current,
+                        threads.summary())
         if args.ckpt_every and (step + 1) % args.ckpt_every == 0 and step + 1 < last:
             path = os.path.join(args.ckpt_dir, f"ema_step{step + 1:05d}.safetensors")
             save_unet(ema.state_dict(), path, step + 1, recipe)
