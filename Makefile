@@ -18,7 +18,7 @@ test: venv browser
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-semantic: venv
-	$(PY) -m pytest -q -s tests/test_semantic_shapes.py $(PYTEST_ARGS)
+	$(PY) -m pytest -q -s tests/test_semantic_shapes.py tests/test_semantic_dit.py $(PYTEST_ARGS)
 
 demo: venv
 	$(PY) -m devtools.demo $(if $(CKPT),--ckpt "$(CKPT)",)

@@ -49,6 +49,38 @@ def loader(g):
                  outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")])
 
 
+def dit_loader(g):
+    """The shapes-world DiT (a Flux-class model shipped with the pack); `make demo CKPT=...` keeps it
+    (only CheckpointLoaderSimple nodes take the checkpoint)."""
+    return g.add("AttnCtl_ShapesWorldDiTLoader", [], outputs=[("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+                 title="Shapes World DiT (Flux-class)")
+
+
+def capture(name, prompt, words, load=loader, cfg=7.0):
+    """Capture Attention Maps -> KSampler -> VAEDecode -> Attention Heat Map (image + heat maps saved)."""
+    g = Graph()
+    ck = load(g)
+    pos = g.add("CLIPTextEncode", [prompt], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    cap = g.add("AttnCtl_CaptureAttention", [prompt, words, "all", 0.0, 1.0, False],
+                inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP")},
+                outputs=[("model", "MODEL"), ("attn_maps", "ATTN_MAPS")])
+    lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    ks = g.add("KSampler", [42, "fixed", 20, cfg, "euler", "normal", 1.0],
+               inputs={"model": (cap, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
+                       "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}_image"], inputs={"images": (dec, 0, "IMAGE")})
+    hm = g.add("AttnCtl_AttentionHeatmap", [0.5, 0.6, False],
+               inputs={"attn_maps": (cap, 1, "ATTN_MAPS"), "image": (dec, 0, "IMAGE")},
+               outputs=[("heatmaps", "IMAGE"), ("masks", "MASK")])
+    g.add("SaveImage", [f"AttnCtl/{name}_heatmaps"], inputs={"images": (hm, 0, "IMAGE")})
+    return g
+
+
 def p2p(name, source, targets, mode, reweight="", blend_src="", blend_tgt=""):
     g = Graph()
     ck = loader(g)
@@ -138,20 +170,20 @@ def paint_with_words(name, prompt, box_text):
     return sample_and_save(g, name, ck, (paint, 0), (paint, 1), (neg, 0), (lat, 0))
 
 
-def region_prompts(name, box_text, background=""):
+def region_prompts(name, box_text, background="", load=loader, bootstrap=0.4, seed=2, cfg=6.0):
     """Boxes -> Region Prompt (one region per box, prompted with its phrase) -> Region Conditioning."""
     g = Graph()
-    ck = loader(g)
+    ck = load(g)
     bx = g.add("AttnCtl_Boxes", [box_text, "fraction", 256, 256], outputs=[("boxes", "BOXES")])
     reg = g.add("AttnCtl_RegionPrompt", ["", 1.0], inputs={"boxes": (bx, 0, "BOXES")},
                 outputs=[("regions", "REGIONS")])
-    cond = g.add("AttnCtl_RegionConditioning", [background, 0.4, "random"],
+    cond = g.add("AttnCtl_RegionConditioning", [background, bootstrap, "random"],
                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "regions": (reg, 0, "REGIONS")},
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
     # seed 2: on the shapes world about two seeds in three put both objects in their boxes
-    return sample_and_save(g, name, ck, (cond, 0), (cond, 1), (neg, 0), (lat, 0), seed=2)
+    return sample_and_save(g, name, ck, (cond, 0), (cond, 1), (neg, 0), (lat, 0), seed=seed, cfg=cfg)
 
 
 def collage(name, layers):
@@ -175,9 +207,9 @@ def collage(name, layers):
     return sample_and_save(g, name, ck, (col, 0), (col, 1), (neg, 0), (col, 2))
 
 
-def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42):
+def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42, cfg=6.0):
     """KSampler (seed 42, 20 euler steps, cfg 6) -> VAEDecode -> SaveImage; inputs are (node, slot)."""
-    ks = g.add("KSampler", [seed, "fixed", 20, 6.0, "euler", "normal", 1.0],
+    ks = g.add("KSampler", [seed, "fixed", 20, cfg, "euler", "normal", 1.0],
                inputs={"model": (*model, "MODEL"), "positive": (*positive, "CONDITIONING"),
                        "negative": (*negative, "CONDITIONING"), "latent_image": (*latent, "LATENT")},
                outputs=[("LATENT", "LATENT")])
@@ -188,6 +220,12 @@ def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42):
 
 
 WORKFLOWS = {
+    "capture_attention_dit": lambda: capture("capture_attention_dit", "a red circle and a blue square",
+                                             "red, blue, circle, square", load=dit_loader, cfg=5.0),
+    "region_prompts_dit": lambda: region_prompts("region_prompts_dit",
+                                                 "a red circle: 0.05,0.2,0.45,0.8\na blue square: 0.55,0.2,0.95,0.8",
+                                                 background="a red circle and a blue square", load=dit_loader,
+                                                 bootstrap=0.0, seed=33, cfg=5.0),
     "region_prompts": lambda: region_prompts("region_prompts",
                                              "a red circle: 0.05,0.2,0.45,0.8\na blue square: 0.55,0.2,0.95,0.8",
                                              background="a red circle and a blue square"),
