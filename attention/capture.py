@@ -58,17 +58,22 @@ class AttentionMaps:
         return self.maps
 
 
+def check_capture_config(words, start: float, end: float) -> None:
+    """The checks of a capture configuration (UNet and DiT controllers); False for NaN too."""
+    if not words:
+        raise AttentionControlError("words: give at least one word of the prompt (comma-separated)")
+    if not 0.0 <= start < end <= 1.0:
+        raise AttentionControlError(
+            f"start_percent/end_percent: need 0 <= start < end <= 1, got {start} and {end}")
+
+
 class CaptureController(Controller):
     name = "capture"
     kinds = frozenset({"cross"})
 
     def __init__(self, words: list[WordSpec], prompt_len: int, handle: AttentionMaps,
                  selector: LayerSelector, start: float = 0.0, end: float = 1.0, keep_steps: bool = False):
-        if not words:
-            raise AttentionControlError("words: give at least one word of the prompt (comma-separated)")
-        if not 0.0 <= start < end <= 1.0:
-            raise AttentionControlError(
-                f"start_percent/end_percent: need 0 <= start < end <= 1, got {start} and {end}")
+        check_capture_config(words, start, end)
         self.words = words
         self.prompt_len = prompt_len
         self.handle = handle

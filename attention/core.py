@@ -211,6 +211,41 @@ class Run:
         return self._sig_step
 
 
+def sample_in_run(router, to: dict, run_key: str, executor, noise, latent_image, sampler, sigmas, args, kwargs):
+    """The OUTER_SAMPLE body of both routers: a Run for this sampling run in `to[run_key]` (the
+    guider's transformer_options), controllers' begin_run before the first step (configuration
+    errors surface there) and end_run after it, even on error; nothing of the run stays behind."""
+    guider = executor.class_obj
+    run = Run(router, noise.shape, sigmas, getattr(guider, "conds", None))
+    run.noise = noise                 # the run's initial noise (controllers that re-noise latents use it)
+    run.seed = args[3] if len(args) > 3 else kwargs.get("seed")
+    router.begin_run(run)
+    to[run_key] = run
+    ok = False
+    try:
+        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
+        ok = True
+        return out
+    finally:
+        to.pop(run_key, None)
+        router.end_run(run, ok)
+        run.scratch.clear()
+
+
+def chain_model_controllers(ctrls, apply, x, t, run: Run, options: dict):
+    """One model call through the whole-model-call controllers `ctrls` (the last one outermost),
+    each given `apply(x)` for the rest; `apply` runs the model."""
+    cou = list(options.get("cond_or_uncond", [0]))
+
+    def run_from(i):
+        if i < 0:
+            return apply
+        below = run_from(i - 1)
+        return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou, options)
+
+    return run_from(len(ctrls) - 1)(x)
+
+
 def require_prompt_length(run: Run, prompt_len: int, node: str) -> None:
     """The positive conditioning of the run must come from the node's prompt (same token count)."""
     for c in run.conds.get("positive", []) or []:

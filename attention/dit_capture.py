@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .capture import AttentionMaps, WordSpec
+from .capture import AttentionMaps, WordSpec, check_capture_config
 from .core import AttentionControlError, Run
-from .dit_router import DitCall, DitController
+from .dit_router import DitCall, DitController, host_mask
 from .maps import MapAccumulator, token_columns
 
 __all__ = ["DitCaptureController", "joint_word_maps"]
@@ -38,13 +38,9 @@ CHUNK_BUDGET = 64 * 1024 * 1024
 def _query_mask(mask: torch.Tensor | None, q_rows: slice, n_q: int) -> torch.Tensor | None:
     """The host's mask (bool: keep where True; float: added to the scores), broadcastable to
     (B, H, Nq, Nk) as the host broadcasts it, restricted to the query rows `q_rows`."""
-    if mask is None:
+    m = host_mask(mask)
+    if m is None:
         return None
-    m = mask
-    if m.ndim == 2:
-        m = m.unsqueeze(0)
-    if m.ndim == 3:
-        m = m.unsqueeze(1)
     if m.shape[-2] == n_q:
         m = m[..., q_rows, :]
     return m if m.dtype == torch.bool else m.float()
@@ -94,11 +90,7 @@ class DitCaptureController(DitController):
     def __init__(self, words: list[WordSpec], prompt_len: int, handle: AttentionMaps, selector,
                  start: float = 0.0, end: float = 1.0, keep_steps: bool = False, chunk_budget: int = CHUNK_BUDGET,
                  cond_len: int | None = None):
-        if not words:
-            raise AttentionControlError("words: give at least one word of the prompt (comma-separated)")
-        if not 0.0 <= start < end <= 1.0:
-            raise AttentionControlError(
-                f"start_percent/end_percent: need 0 <= start < end <= 1, got {start} and {end}")
+        check_capture_config(words, start, end)
         self.words = words
         self.prompt_len = int(prompt_len)
         self.handle = handle

@@ -55,9 +55,9 @@ from dataclasses import dataclass
 import torch
 
 from .core import AttentionControlError, Run
-from .dit_router import DitCall, DitController, model_call_geometry
+from .dit_router import DitCall, DitController, host_mask, model_call_geometry
 from .layout import box_coverage
-from .regions import PaintedPhrase, mask_at
+from .regions import PaintedPhrase, check_paint_config, mask_at
 from .tiled import TILE_KEY, Span
 from .validate import check_finite, check_range
 
@@ -242,13 +242,9 @@ def allowed_block(q: Tokens, k: Tokens, a: int, b: int, image_attention: str = "
 
 def host_additive(mask: torch.Tensor | None, dtype) -> torch.Tensor | None:
     """A mask as the host's attention reads it, as an additive score bias (Bm, Hm, Nq or 1, Nk)."""
-    if mask is None:
+    m = host_mask(mask)
+    if m is None:
         return None
-    m = mask
-    if m.ndim == 2:
-        m = m.unsqueeze(0)
-    if m.ndim == 3:
-        m = m.unsqueeze(1)
     if m.dtype == torch.bool:
         return torch.zeros(m.shape, dtype=dtype, device=m.device).masked_fill(~m, float("-inf"))
     return m.to(dtype)
@@ -674,21 +670,7 @@ class DitPaintController(DitController):
     def __init__(self, phrases: list[PaintedPhrase], prompt_len: int, weight: float = 0.1, mode: str = "ediff-i",
                  s_pos: float = 1.0, s_neg: float = 1.0, selector=None, start: float = 0.0, end: float = 1.0,
                  mask_budget: int = MASK_BUDGET, chunk_budget: int = CHUNK_BUDGET):
-        if not phrases:
-            raise AttentionControlError("phrases: paint at least one phrase of the prompt")
-        if mode not in ("ediff-i", "collage"):
-            raise AttentionControlError(f"mode: '{mode}' is not ediff-i or collage")
-        if not 0.0 <= start <= end <= 1.0:                      # False for NaN too
-            raise AttentionControlError(f"start/end: need 0 <= start <= end <= 1, got {start}, {end}")
-        check_range("weight", weight, 0.0, None, "use a weight >= 0 (paper: 0.1; 0 = off)")
-        check_range("collage_positive", s_pos, 0.0, None)
-        check_range("collage_negative", s_neg, 0.0, None)
-        for p in phrases:
-            check_finite(f"masks: the mask of '{p.label}'", p.mask, "fix the node that makes the mask")
-            check_range(f"strengths: '{p.label}'", p.strength, 0.0, None)
-            if float(p.mask.max()) <= 0.0:
-                raise AttentionControlError(
-                    f"masks: the mask of '{p.label}' covers nothing; paint the region or remove the phrase")
+        check_paint_config(phrases, mode, start, end, weight, s_pos, s_neg)
         self.phrases = list(phrases)
         self.prompt_len = int(prompt_len)
         self.weight = float(weight)

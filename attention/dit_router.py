@@ -57,7 +57,7 @@ from dataclasses import dataclass
 import torch
 import comfy.patcher_extension as comfy_ext
 
-from .core import AttentionControlError, Run, UnsupportedModelError
+from .core import AttentionControlError, UnsupportedModelError, chain_model_controllers, sample_in_run
 
 log = logging.getLogger("attention_control")
 
@@ -232,6 +232,18 @@ class DitGeometry:
     text_len: int
     word_offset: int = 0
     order: str = "text_image"
+
+
+def host_mask(mask: torch.Tensor | None) -> torch.Tensor | None:
+    """An attention mask as ComfyUI's attention functions broadcast it: (B, H, Nq or 1, Nk), a 2-D
+    mask taken as (Nq, Nk) and a 3-D one as (B, Nq, Nk); bool keeps where True, float is added."""
+    if mask is None:
+        return None
+    if mask.ndim == 2:
+        mask = mask.unsqueeze(0)
+    if mask.ndim == 3:
+        mask = mask.unsqueeze(1)
+    return mask
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -562,25 +574,11 @@ class DitOverride:
 
 
 def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-    guider = executor.class_obj
-    to = guider.model_options.setdefault("transformer_options", {})
+    to = executor.class_obj.model_options.setdefault("transformer_options", {})
     router = to.get(DIT_ROUTER_KEY)
     if router is None or not router.controllers:
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-    run = Run(router, noise.shape, sigmas, getattr(guider, "conds", None))
-    run.noise = noise
-    run.seed = args[3] if len(args) > 3 else kwargs.get("seed")
-    router.begin_run(run)              # configuration errors surface here, before the first step
-    to[DIT_RUN_KEY] = run
-    ok = False
-    try:
-        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        ok = True
-        return out
-    finally:
-        to.pop(DIT_RUN_KEY, None)
-        router.end_run(run, ok)
-        run.scratch.clear()
+    return sample_in_run(router, to, DIT_RUN_KEY, executor, noise, latent_image, sampler, sigmas, args, kwargs)
 
 
 def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options={},
@@ -600,15 +598,8 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     to[OVERRIDE_SLOT] = ov
     ctrls = [c for c in router.controllers if c.wraps_model]
     if ctrls and run is not None:
-        cou = list(to.get("cond_or_uncond", [0]))
-
-        def run_from(i):
-            if i < 0:
-                return lambda x_: executor(x_, t, c_concat, c_crossattn, control, to, **kwargs)
-            below = run_from(i - 1)
-            return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou, to)
-
-        out = run_from(len(ctrls) - 1)(x)
+        out = chain_model_controllers(ctrls, lambda x_: executor(x_, t, c_concat, c_crossattn, control, to, **kwargs),
+                                      x, t, run, to)
     else:
         out = executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
     if ov.calls == 0 and router.schedule and router.controllers:

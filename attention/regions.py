@@ -75,6 +75,25 @@ def merge_rows(q, k, v, nxt, rows: torch.Tensor, out_rows: torch.Tensor) -> torc
     return out
 
 
+def check_paint_config(phrases, mode, start, end, weight, s_pos, s_neg) -> None:
+    """The checks of a paint-with-words configuration (UNet and DiT controllers): named errors."""
+    if not phrases:
+        raise AttentionControlError("phrases: paint at least one phrase of the prompt")
+    if mode not in ("ediff-i", "collage"):
+        raise AttentionControlError(f"mode: '{mode}' is not ediff-i or collage")
+    if not 0.0 <= start <= end <= 1.0:                      # False for NaN too
+        raise AttentionControlError(f"start/end: need 0 <= start <= end <= 1, got {start}, {end}")
+    check_range("weight", weight, 0.0, None, "use a weight >= 0 (paper: 0.1; 0 = off)")
+    check_range("collage_positive", s_pos, 0.0, None)
+    check_range("collage_negative", s_neg, 0.0, None)
+    for p in phrases:
+        check_finite(f"masks: the mask of '{p.label}'", p.mask, "fix the node that makes the mask")
+        check_range(f"strengths: '{p.label}'", p.strength, 0.0, None)
+        if float(p.mask.max()) <= 0.0:
+            raise AttentionControlError(
+                f"masks: the mask of '{p.label}' covers nothing; paint the region or remove the phrase")
+
+
 class PaintWithWordsController(Controller):
     name = "paint with words"
     kinds = frozenset({"cross"})
@@ -82,21 +101,7 @@ class PaintWithWordsController(Controller):
     def __init__(self, phrases: list[PaintedPhrase], prompt_len: int, weight: float = 0.1, mode: str = "ediff-i",
                  s_pos: float = 1.0, s_neg: float = 1.0, selector: LayerSelector | None = None,
                  start: float = 0.0, end: float = 1.0):
-        if not phrases:
-            raise AttentionControlError("phrases: paint at least one phrase of the prompt")
-        if mode not in ("ediff-i", "collage"):
-            raise AttentionControlError(f"mode: '{mode}' is not ediff-i or collage")
-        if not 0.0 <= start <= end <= 1.0:                      # False for NaN too
-            raise AttentionControlError(f"start/end: need 0 <= start <= end <= 1, got {start}, {end}")
-        check_range("weight", weight, 0.0, None, "use a weight >= 0 (paper: 0.1; 0 = off)")
-        check_range("collage_positive", s_pos, 0.0, None)
-        check_range("collage_negative", s_neg, 0.0, None)
-        for p in phrases:
-            check_finite(f"masks: the mask of '{p.label}'", p.mask, "fix the node that makes the mask")
-            check_range(f"strengths: '{p.label}'", p.strength, 0.0, None)
-            if float(p.mask.max()) <= 0.0:
-                raise AttentionControlError(
-                    f"masks: the mask of '{p.label}' covers nothing; paint the region or remove the phrase")
+        check_paint_config(phrases, mode, start, end, weight, s_pos, s_neg)
         self.phrases = phrases
         self.prompt_len = prompt_len
         self.weight = float(weight)

@@ -43,6 +43,7 @@ WRAPPER_KEY = "attention_control"
 
 from .dit_router import DitController, attach_dit, is_dit  # noqa: F401  (one router interface)
 from .core import (SUPPORTED_FAMILIES, AttentionControlError, Call, Controller, Router, Run, Site, StopForward,
+                   chain_model_controllers, sample_in_run,
                    UnsupportedModelError)
 
 log = logging.getLogger("attention_control")
@@ -224,25 +225,11 @@ def release_projections(out, *tensors) -> None:
 # installation and run lifecycle
 
 def _outer_sample_wrapper(executor, noise, latent_image, sampler, sigmas, *args, **kwargs):
-    guider = executor.class_obj
-    to = guider.model_options.setdefault("transformer_options", {})
+    to = executor.class_obj.model_options.setdefault("transformer_options", {})
     router = to.get(ROUTER_KEY)
     if router is None:
         return executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-    run = Run(router, noise.shape, sigmas, getattr(guider, "conds", None))
-    run.noise = noise                 # the run's initial noise (controllers that re-noise latents use it)
-    run.seed = args[3] if len(args) > 3 else kwargs.get("seed")
-    router.begin_run(run)            # validation errors surface here, before the first step
-    to[RUN_KEY] = run
-    ok = False
-    try:
-        out = executor(noise, latent_image, sampler, sigmas, *args, **kwargs)
-        ok = True
-        return out
-    finally:
-        to.pop(RUN_KEY, None)
-        router.end_run(run, ok)
-        run.scratch.clear()
+    return sample_in_run(router, to, RUN_KEY, executor, noise, latent_image, sampler, sigmas, args, kwargs)
 
 
 def _route_patches(run: Run, transformer_options: dict) -> dict:
@@ -283,15 +270,8 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     ctrls = [c for c in router.controllers if c.wraps_model]
     if not ctrls or to.get(GUIDE_KEY) is not None:
         return executor(x, t, c_concat, c_crossattn, control, to, **kwargs)
-    cou = list(to.get("cond_or_uncond", [0]))
-
-    def run_from(i):
-        if i < 0:
-            return lambda x_: executor(x_, t, c_concat, c_crossattn, control, to, **kwargs)
-        below = run_from(i - 1)
-        return lambda x_: ctrls[i].apply_model(below, x_, t, run, cou, to)
-
-    return run_from(len(ctrls) - 1)(x)
+    return chain_model_controllers(ctrls, lambda x_: executor(x_, t, c_concat, c_crossattn, control, to, **kwargs),
+                                   x, t, run, to)
 
 
 _BLOCK_PATCHES = ("input_block_patch", "input_block_patch_after_skip", "output_block_patch")

@@ -10,7 +10,7 @@ from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.dit_capture import DitCaptureController
 from ..attention.dit_layers import DitLayerSelector, check_layer_text
 from ..attention.dit_router import is_dit
-from ..attention.dit_tokens import dit_context, is_dit_clip
+from .dit_tokens import dit_context, is_dit_clip
 from ..attention.router import attach
 from ..attention.tokens import parse_word_list
 from .common import CATEGORY, check_widgets, resolve_words, validation_result

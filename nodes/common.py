@@ -7,7 +7,7 @@ from ..attention.core import AttentionControlError
 from ..attention.validate import check_finite, check_range
 from ..attention.tokens import TokenError, find_positions, flatten_chunks, parse_index_spec, parse_word_list, word_token_ids
 from ..attention.capture import WordSpec
-from ..attention.dit_tokens import is_dit_clip, resolve_dit_words
+from .dit_tokens import is_dit_clip, resolve_dit_words
 
 CATEGORY = "attention_control"
 
@@ -43,7 +43,7 @@ def resolve_words(clip, prompt: str, words: str, input_name: str = "words"):
     """Words/phrases (comma-separated; `#5` or `#5+6` for token indices) -> (WordSpec list, prompt_len).
     Errors name `input_name`, the node input the words came from. SD1/SD2/SDXL CLIPs: positions in
     the CLIP-L token chunks; DiT families' text encoders (Flux, SD3, Qwen-Image, Wan, ...): positions
-    in the context the diffusion model receives, see attention/dit_tokens.py."""
+    in the context the diffusion model receives, see nodes/dit_tokens.py."""
     if is_dit_clip(clip):
         return resolve_dit_words(clip, prompt, words, input_name)
     st = sd_tokenizer(clip)

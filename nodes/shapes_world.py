@@ -8,6 +8,18 @@ from comfy_api.latest import io
 
 from .common import CATEGORY
 
+def OUTPUTS():
+    return [io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
+            io.Vae.Output(display_name="VAE")]
+
+
+def _load(loader, file: str, make_target: str):
+    """(MODEL, CLIP, VAE) from the shipped weights file, or a named error saying how to build it."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "shapesworld", "weights", file)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"shapes world weights not found at {path}: run `make {make_target}`")
+    return io.NodeOutput(*loader(path))
+
 
 class ShapesWorldLoader(io.ComfyNode):
     @classmethod
@@ -21,19 +33,13 @@ class ShapesWorldLoader(io.ComfyNode):
                         "seconds and is used by the demo and the semantic tests. Use it with the stock "
                         "CLIPTextEncode, KSampler, EmptyLatentImage (256x256 -> 32x32 latent) and VAEDecode.",
             inputs=[],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
-                     io.Vae.Output(display_name="VAE")],
+            outputs=OUTPUTS(),
         )
 
     @classmethod
     def execute(cls):
         from ..shapesworld.comfy_glue import load_shapes_world
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "shapesworld", "weights", "shapes_world.safetensors")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"shapes world weights not found at {path}: run `make shapes-model`")
-        model, clip, vae = load_shapes_world(path)
-        return io.NodeOutput(model, clip, vae)
+        return _load(load_shapes_world, "shapes_world.safetensors", "shapes-model")
 
 
 class ShapesWorldDiTLoader(io.ComfyNode):
@@ -49,19 +55,13 @@ class ShapesWorldDiTLoader(io.ComfyNode):
                         "seconds and is used by the semantic tests of the DiT attention techniques. Use it with the "
                         "stock CLIPTextEncode, KSampler, EmptyLatentImage (256x256 -> 32x32 latent) and VAEDecode.",
             inputs=[],
-            outputs=[io.Model.Output(display_name="MODEL"), io.Clip.Output(display_name="CLIP"),
-                     io.Vae.Output(display_name="VAE")],
+            outputs=OUTPUTS(),
         )
 
     @classmethod
     def execute(cls):
         from ..shapesworld.comfy_glue import load_shapes_world_dit
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            "shapesworld", "weights", "shapes_world_dit.safetensors")
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"shapes world DiT weights not found at {path}: run `make shapes-model-dit`")
-        model, clip, vae = load_shapes_world_dit(path)
-        return io.NodeOutput(model, clip, vae)
+        return _load(load_shapes_world_dit, "shapes_world_dit.safetensors", "shapes-model-dit")
 
 
 NODES = [ShapesWorldLoader, ShapesWorldDiTLoader]

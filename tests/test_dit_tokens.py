@@ -1,4 +1,4 @@
-"""Word positions in the DiT families' text context (attention/dit_tokens.py, issue 17).
+"""Word positions in the DiT families' text context (nodes/dit_tokens.py, issue 17).
 
 Every CLIP here is a real `comfy.sd.CLIP`, built the way ComfyUI's text-encoder loader builds it
 (ClipTarget of the family's real tokenizer and text-encoder classes), with the encoder's weights on
@@ -41,7 +41,7 @@ import comfy.text_encoders.wan as wan_te
 import comfy.text_encoders.z_image as z_te
 
 from attention_control.attention.core import AttentionControlError, UnsupportedModelError
-from attention_control.attention.dit_tokens import describe, dit_context, is_dit_clip, resolve_dit_words
+from attention_control.nodes.dit_tokens import describe, dit_context, is_dit_clip, resolve_dit_words
 from attention_control.nodes.common import resolve_words
 
 PROMPT = "a red circle and a blue square"

@@ -46,9 +46,9 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
-from .capture import WordSpec
-from .core import AttentionControlError, UnsupportedModelError
-from .tokens import PromptTokens, TokenError, parse_index_spec, parse_word_list
+from ..attention.capture import WordSpec
+from ..attention.core import AttentionControlError, UnsupportedModelError
+from ..attention.tokens import PromptTokens, TokenError, parse_index_spec, parse_word_list
 
 # tokenizer class (ComfyUI 0.3.75, comfy.text_encoders) -> family; the most derived known class wins
 FAMILIES = {
