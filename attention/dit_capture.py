@@ -13,6 +13,10 @@ rows' image queries gives all words at once. Any mask the call carries (Flux `at
 Lumina caption padding) is applied as the host's attention applies it (bool: keep where True;
 float: added to the scores).
 
+Under region prompts (stacked in either order) the maps are what the model attends to: the
+region rule's mask (`DitCall.controller_allow`) is applied with the host's, and the words are looked
+up in the base prompt's part of the region conditioning's context.
+
 Video (Wan, HunyuanVideo, frames > 1): one map per latent frame, published as frames x items rows
 (`AttentionMaps.frames`).
 
@@ -26,6 +30,7 @@ import torch.nn.functional as F
 
 from .capture import AttentionMaps, WordSpec, check_capture_config
 from .core import AttentionControlError, Run
+from .dit_regions import DIT_REGION_KEY, DitRegionTag, context_starts
 from .dit_router import DitCall, DitController, host_mask
 from .maps import MapAccumulator, token_columns
 
@@ -35,19 +40,28 @@ __all__ = ["DitCaptureController", "joint_word_maps"]
 CHUNK_BUDGET = 64 * 1024 * 1024
 
 
-def _query_mask(mask: torch.Tensor | None, q_rows: slice, n_q: int) -> torch.Tensor | None:
+def _query_mask(mask: torch.Tensor | None, q_rows: slice, n_q: int,
+                allow: torch.Tensor | None = None) -> torch.Tensor | None:
     """The host's mask (bool: keep where True; float: added to the scores), broadcastable to
-    (B, H, Nq, Nk) as the host broadcasts it, restricted to the query rows `q_rows`."""
+    (B, H, Nq, Nk) as the host broadcasts it, restricted to the query rows `q_rows`, and the other
+    controllers' `allow` ((B, 1, len(q_rows), Nk) bool) on top."""
     m = host_mask(mask)
+    if m is not None:
+        if m.shape[-2] == n_q:
+            m = m[..., q_rows, :]
+        m = m if m.dtype == torch.bool else m.float()
+    if allow is None:
+        return m
     if m is None:
-        return None
-    if m.shape[-2] == n_q:
-        m = m[..., q_rows, :]
-    return m if m.dtype == torch.bool else m.float()
+        return allow
+    if m.dtype == torch.bool:
+        return m & allow
+    return m.expand(torch.broadcast_shapes(m.shape, allow.shape)).masked_fill(~allow, float("-inf"))
 
 
 def joint_word_maps(q: torch.Tensor, k: torch.Tensor, q_rows: slice, columns: list[list[int]],
-                    mask: torch.Tensor | None = None, chunk_budget: int = CHUNK_BUDGET) -> torch.Tensor:
+                    mask: torch.Tensor | None = None, chunk_budget: int = CHUNK_BUDGET,
+                    allow: torch.Tensor | None = None) -> torch.Tensor:
     """Word maps of a (B, H, N, D) attention call: for each query in `q_rows`, the softmax mass over
     all keys of k that falls on each word's columns, mean over heads. float32 (B, W, len(q_rows)).
 
@@ -56,13 +70,14 @@ def joint_word_maps(q: torch.Tensor, k: torch.Tensor, q_rows: slice, columns: li
     at a time) gives every word at once. The indicator values are padded to the head dimension D
     (the fused kernels need equal q / v widths; with fewer columns torch falls back to the math path,
     which forms the score matrix), D words per call. Queries go in chunks of at most `chunk_budget`
-    score elements (B x H x chunk x K), a bound for backends without a fused kernel."""
+    score elements (B x H x chunk x K), a bound for backends without a fused kernel. `allow`: bool
+    (B, 1, len(q_rows), K), the keys other controllers let each query see (False: masked out)."""
     b, h, n_all, d = q.shape
     kk = k.shape[2]
     qi = q[:, :, q_rows].float()
     n = qi.shape[2]
     kf = k.float()
-    bias = _query_mask(mask, q_rows, n_all)
+    bias = _query_mask(mask, q_rows, n_all, allow)
     out = torch.zeros(b, len(columns), n, dtype=torch.float32, device=q.device)
     step = max(1, min(n, chunk_budget // max(b * h * kk, 1)))
     for w0 in range(0, len(columns), d):
@@ -85,6 +100,7 @@ class DitCaptureController(DitController):
     """Per-word maps of a DiT model's image queries on the word keys (see the module docstring)."""
     name = "capture"
     streams = frozenset({"joint", "text_cross"})
+    observer = True
     maps_fn = staticmethod(joint_word_maps)
 
     def __init__(self, words: list[WordSpec], prompt_len: int, handle: AttentionMaps, selector,
@@ -106,9 +122,21 @@ class DitCaptureController(DitController):
         require = getattr(run.router, "require_word_positions", None)
         if require is not None:                 # HiDream: word maps need word key columns (a named error)
             require("the capture node")
-        for name in ("positive", "negative"):
+        region_total = None
+        # the positive only: maps are read on the cond rows (a negative prompt of any length is fine)
+        for name in ("positive",):
             for c in run.conds.get(name, []) or []:
                 ca = c.get("cross_attn") if isinstance(c, dict) else None
+                tag = c.get(DIT_REGION_KEY) if isinstance(c, dict) else None
+                if isinstance(tag, DitRegionTag):
+                    # a Region Conditioning's context: the base prompt, then the regions' prompts
+                    if tag.lengths[0] != self.cond_len:
+                        raise AttentionControlError(
+                            f"prompt: the capture node's prompt has {self.cond_len} context tokens but the base "
+                            f"prompt of the Region Conditioning that feeds the sampler's {name} has "
+                            f"{tag.lengths[0]}; connect the base prompt text to the capture node")
+                    region_total = sum(tag.lengths)
+                    continue
                 if ca is not None and ca.ndim == 3 and ca.shape[1] % self.cond_len != 0:
                     raise AttentionControlError(
                         f"prompt: the capture node's prompt has {self.cond_len} context tokens but the {name} "
@@ -120,6 +148,23 @@ class DitCaptureController(DitController):
         d["labels"] = []
         d["frames"] = 1
         d["cols"] = {}
+        d["region_total"] = region_total
+
+    def _columns(self, call: DitCall, d, ctx: int) -> list[list[int]]:
+        """Key columns of each word in a call whose context has `ctx` tokens."""
+        total = d["region_total"]
+        if total is not None:
+            starts = context_starts(call.site.family, ctx, total)
+            if starts is None:
+                raise AttentionControlError(
+                    f"prompt: a model call's context has {ctx} tokens, which cannot hold the region conditioning's "
+                    f"{total}; connect the Region Conditioning output to the sampler directly")
+            pad = self.prompt_len - self.cond_len          # Flux.2: positions count the model's left padding
+            return [call.key_columns([s + p - pad for s in starts for p in w.positions]) for w in self.words]
+        try:
+            return [call.key_columns(token_columns(w.positions, self.prompt_len, ctx)) for w in self.words]
+        except ValueError as e:
+            raise AttentionControlError(f"prompt: {e}") from None
 
     def attend(self, call: DitCall):
         run = call.run
@@ -140,18 +185,16 @@ class DitCaptureController(DitController):
         key = (ctx, call.k_text.start, call.site.stream)
         cols = d["cols"].get(key)
         if cols is None:
-            try:
-                cols = [call.key_columns(token_columns(w.positions, self.prompt_len, ctx)) for w in self.words]
-            except ValueError as e:
-                raise AttentionControlError(f"prompt: {e}") from None
-            d["cols"][key] = cols
-        rows = torch.tensor(call.cond_rows(), device=call.q.device)
+            cols = d["cols"][key] = self._columns(call, d, ctx)
+        cond_rows = call.cond_rows()
+        rows = torch.tensor(cond_rows, device=call.q.device)
         q = call.split_heads(call.q).index_select(0, rows)
         k = call.split_heads(call.k).index_select(0, rows)
         mask = call.mask
         if mask is not None and mask.ndim >= 3 and mask.shape[0] == call.q.shape[0]:
             mask = mask.index_select(0, rows)
-        m = self.maps_fn(q, k, call.q_image, cols, mask, self.chunk_budget)         # (C*B, W, N_img)
+        allow = call.controller_allow(cond_rows, call.q_image)     # region prompts' rule, where stacked
+        m = self.maps_fn(q, k, call.q_image, cols, mask, self.chunk_budget, allow)  # (C*B, W, N_img)
         m = m.view(len(chunks), call.batch, *m.shape[1:]).mean(0)                      # (B, W, N_img)
         f, gh, gw = call.grid
         m = m.view(call.batch, len(cols), f, gh, gw).permute(0, 2, 1, 3, 4).reshape(call.batch * f, len(cols),

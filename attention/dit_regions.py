@@ -556,9 +556,49 @@ class DitRegionController(DitController):
         d = run.data(self)
         if "uuids" not in d:
             return None
+        lay = self._layout(call, d)
+        if lay is None:
+            return None
+        regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk = lay
+        by_piece: dict = {}
+        for j in chunks:
+            by_piece.setdefault(min(j // per_piece, len(pieces) - 1), []).extend(range(call.chunk(j).start,
+                                                                                       call.chunk(j).stop))
+        sets = []
+        for i, rows in by_piece.items():
+            piece = pieces[i]
+            fn = self._rows_fn(call, d, key0 + (piece,), rows, regional, starts, need_image, nq, nk,
+                               piece=piece, canvas=canvas)
+            if fn is not None:
+                sets.append((rows, fn))
+        if not sets:
+            return None                                   # nothing blocked in this call: the host's own attention
+        return _on_row_sets(call, sets)
+
+    def _tokens(self, call, d, key, starts, need_image, nq, nk, piece=None, canvas=None):
+        """The token classes (queries, keys) of a call's sequences, cached per geometry and crop."""
+        tok = d["tokens"].get(key)
+        if tok is None:
+            g = call.geometry
+            stream = call.site.stream
+            members = None
+            if need_image:
+                members = self._members(d, g.grid) if piece is None else self._tile_members(d, g.grid, canvas, piece)
+            off = g.word_offset if stream == "joint" else 0
+            bits, dev = self.part_bits, call.q.device
+            q_starts = [] if stream == "text_cross" else [call.q_text.start + off + s for s in starts]
+            qt = sequence_tokens(nq, q_starts, bits, call.q_image, members, dev)
+            kt = sequence_tokens(nk, [call.k_text.start + off + s for s in starts], bits, call.k_image, members, dev)
+            tok = d["tokens"][key] = (qt, kt)
+        return tok
+
+    def _layout(self, call: DitCall, d):
+        """What this call's rows need, or None where the controller leaves the call to the host:
+        (regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk)."""
         chunks = self._chunks(call, d)
         if not chunks:
             return None
+        run = call.run
         regional = _in_window(run, call.step, self.start, self.end)
         if regional and self.selector is not None and not self.selector.matches(
                 call.site.block_type, call.site.block_index, call.site.depth):
@@ -577,40 +617,47 @@ class DitRegionController(DitController):
                 f"conditioning's {self.total}; connect the Region Conditioning output to the sampler directly")
         # the rows by image crop: one set, or one per tile of a tiled model call (Tiled Diffusion)
         pieces, per_piece, canvas = _tile_of_chunks(call)
-        by_piece: dict = {}
-        for j in chunks:
-            by_piece.setdefault(min(j // per_piece, len(pieces) - 1), []).extend(range(call.chunk(j).start,
-                                                                                       call.chunk(j).stop))
         nq, nk = _seq_len(call, call.q), _seq_len(call, call.k)
         key0 = (stream, nq, nk, _slice_key(call.q_text), _slice_key(call.q_image), _slice_key(call.k_text),
                 _slice_key(call.k_image), g.context_len, g.word_offset, tuple(g.grid), regional, str(call.q.device))
-        sets = []
-        for i, rows in by_piece.items():
-            piece = pieces[i]
-            fn = self._rows_fn(call, d, key0 + (piece,), rows, regional, starts, need_image, nq, nk,
-                               piece=piece, canvas=canvas)
-            if fn is not None:
-                sets.append((rows, fn))
-        if not sets:
-            return None                                   # nothing blocked in this call: the host's own attention
-        return _on_row_sets(call, sets)
+        return regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk
+
+    def allowed_keys(self, call: DitCall, rows: list[int], queries: slice | None = None):
+        """The region rule as a bool (len(rows), 1, Nq, Nk) (the queries in `queries` only, when
+        given) for the batch rows `rows` (capture reads it to map what the model attends to)."""
+        run = call.run
+        if run is None:
+            return None
+        d = run.data(self)
+        if "uuids" not in d:
+            return None
+        lay = self._layout(call, d)
+        if lay is None:
+            return None
+        regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk = lay
+        piece_of = {}
+        for j in chunks:
+            for r in range(call.chunk(j).start, call.chunk(j).stop):
+                piece_of[r] = min(j // per_piece, len(pieces) - 1)
+        if not any(r in piece_of for r in rows):
+            return None
+        a, b = (0, nq) if queries is None else (queries.start, queries.stop)
+        out = torch.ones(len(rows), 1, b - a, nk, dtype=torch.bool, device=call.q.device)
+        for i, r in enumerate(rows):
+            if r not in piece_of:
+                continue
+            piece = pieces[piece_of[r]]
+            akey = key0 + (piece, "allow", a, b)
+            allow = d["masks"].get(akey)
+            if allow is None:
+                qt, kt = self._tokens(call, d, key0 + (piece,), starts, need_image, nq, nk, piece=piece, canvas=canvas)
+                allow = d["masks"][akey] = allowed_block(qt, kt, a, b, self.image_attention, regional)
+            out[i, 0] = allow
+        return None if bool(out.all()) else out
 
     def _rows_fn(self, call, d, key, rows, regional, starts, need_image, nq, nk, piece=None, canvas=None):
         """What computes the rows of one image crop: None when nothing is blocked there."""
-        g = call.geometry
-        stream = call.site.stream
-        tok = d["tokens"].get(key)
-        if tok is None:
-            members = None
-            if need_image:
-                members = self._members(d, g.grid) if piece is None else self._tile_members(d, g.grid, canvas, piece)
-            off = g.word_offset if stream == "joint" else 0
-            bits, dev = self.part_bits, call.q.device
-            q_starts = [] if stream == "text_cross" else [call.q_text.start + off + s for s in starts]
-            qt = sequence_tokens(nq, q_starts, bits, call.q_image, members, dev)
-            kt = sequence_tokens(nk, [call.k_text.start + off + s for s in starts], bits, call.k_image, members, dev)
-            tok = d["tokens"][key] = (qt, kt)
-        qt, kt = tok
+        qt, kt = self._tokens(call, d, key, starts, need_image, nq, nk, piece=piece, canvas=canvas)
         if call.mask is None and self.execution == "auto":
             gkey = key + ("groups",)
             if gkey not in d["masks"]:

@@ -47,7 +47,11 @@ call's text slice holds per family is in `DitGeometry`; HiDream has no word posi
 
 Controllers (`DitController`) are asked per attention call, the one added last first: `attend(call)`
 returns None (pass: the next controller, finally the default) or the attention output, in the
-layout the default returns (see `DitCall.merge_heads`).
+layout the default returns (see `DitCall.merge_heads`). Observers (`observer = True`: capture) never
+return an output; they are asked before every other controller whatever the order of attachment, so
+a controller that computes the output (region prompts) cannot hide the call from them, and they see
+what the others do to the scores through `DitCall.controller_allow(rows)` (the keys each query may
+attend to under the other controllers: region prompts' mask).
 """
 from __future__ import annotations
 
@@ -301,6 +305,7 @@ class DitController:
     selector = None
     streams: frozenset = frozenset()
     wraps_model = False
+    observer = False          # never returns an output; asked first (see the module docstring)
 
     def __deepcopy__(self, memo):
         return self
@@ -324,6 +329,12 @@ class DitController:
 
     def attend(self, call: "DitCall"):
         """None to pass, or the attention output (the layout `call.default()` returns)."""
+        return None
+
+    def allowed_keys(self, call: "DitCall", rows: list[int], queries: slice | None = None):
+        """The keys this controller's output lets each query of the batch rows `rows` attend to:
+        bool (len(rows), 1, Nq, Nk) (the queries of `queries` only, when given), or None where it
+        blocks none (or does not act on the call)."""
         return None
 
     def apply_model(self, apply, x, sigma, run, cond_or_uncond, options=None):
@@ -451,6 +462,20 @@ class DitCall:
     def cond_rows(self) -> list[int]:
         return [j * self.batch + i for j in self.cond_chunks() for i in range(self.batch)]
 
+    def controller_allow(self, rows: list[int], queries: slice | None = None):
+        """The keys each query of the batch rows `rows` (the queries of `queries`, when given) may
+        attend to under the controllers that compute outputs (observers excluded): bool
+        (len(rows), 1, Nq, Nk), or None where none blocks any key. The host's own mask (`mask`) is
+        not included."""
+        allow = None
+        for c in self._override.router.controllers:
+            if c.observer or not c.wants(self.site):
+                continue
+            a = c.allowed_keys(self, rows, queries)
+            if a is not None:
+                allow = a if allow is None else allow & a
+        return allow
+
     def default(self, q=None, k=None, v=None, mask=...):
         """The attention this call runs without our controllers (the previous override, else the
         host's function), on the call's own tensors or on the ones given (same layout), with the
@@ -562,7 +587,7 @@ class DitOverride:
                 bound[name] = kwargs[name]
         site = self._site(bound, kwargs, n)
         call = None
-        for c in reversed(ctrls):
+        for c in [c for c in reversed(ctrls) if c.observer] + [c for c in reversed(ctrls) if not c.observer]:
             if not c.wants(site):
                 continue
             if call is None:

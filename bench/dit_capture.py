@@ -51,7 +51,7 @@ def _naive_class():
     class NaiveCapture(D.DitCaptureController):
         pass
 
-    def naive_maps(q, k, q_rows, columns, mask=None, chunk_budget=None):
+    def naive_maps(q, k, q_rows, columns, mask=None, chunk_budget=None, allow=None):
         s = torch.matmul(q.float(), k.float().transpose(-1, -2)) * q.shape[-1] ** -0.5   # (B, H, N, K)
         p = s.softmax(-1)[:, :, q_rows]
         return torch.stack([p[..., c].sum(-1) for c in columns], 1).mean(2)

@@ -688,3 +688,72 @@ def test_regions_and_paint_under_tiled_diffusion():
     for n, c in enumerate(ptap.calls):
         bias = additive(c["mask"])[0, 0, TXT:, 1]                    # word 1's column at the image queries
         assert (bias != 0).all() if n < 4 else (bias == 0).all()     # the left half is the left tile
+
+
+# --------------------------------------------------------------------------------------------
+# capture stacked with region prompts
+
+STACK_WORDS = ((1,), (3, 4))                   # token positions in the base prompt's 5 context tokens
+
+
+@pytest.mark.parametrize("family", ["Flux", "Flux.2", "SD3", "Wan"])
+@pytest.mark.parametrize("capture_first", [False, True])
+def test_capture_maps_what_region_prompts_let_the_model_attend_to(family, capture_first):
+    """Capture and region prompts on one MODEL, in either order: the image is the regions-only
+    image bit for bit, and the word maps are the float64 masked softmax of the calls the host ran
+    (region rule + host mask), the words found in the base prompt's part of the region context, not
+    the maps of the unmasked scores."""
+    from attention_control.attention.capture import AttentionMaps, WordSpec
+    from attention_control.attention.dit_capture import DitCaptureController
+    from attention_control.attention.dit_layers import DitLayerSelector
+
+    t = tiny(family)
+    ctx = ctx_len(family, LENGTHS["base"])
+    pad = ctx - LENGTHS["base"]                                   # Flux.2: positions count its left padding
+    words = [WordSpec(f"w{i}", [pad + p for p in ps]) for i, ps in enumerate(STACK_WORDS)]
+    handle = AttentionMaps([w.label for w in words])
+    cap = DitCaptureController(words, ctx, handle, DitLayerSelector.parse("all"), cond_len=LENGTHS["base"])
+    base, tap = tapped(t.patcher)
+    if capture_first:
+        base = attach(base, cap)
+    m, pos = dit_region_conditioning(base, encoder(family), two_regions(), "base", "region", 0.0, 1.0, "all")
+    get_dit_router(m).controllers[-1].execution = "mask"
+    if not capture_first:
+        m = attach(m, cap)
+    g = torch.Generator().manual_seed(7)
+    noise = torch.randn(t.x.shape, generator=g)
+    neg = encoder(family)("negative")
+    out = sample(m, noise, pos, neg, torch.zeros_like(t.x), steps=2, cfg=1.0)
+    n_calls = len(tap.calls)
+    regions_only, pos_only = dit_region_conditioning(tapped(t.patcher)[0], encoder(family), two_regions(), "base",
+                                              "region", 0.0, 1.0, "all")
+    get_dit_router(regions_only).controllers[-1].execution = "mask"
+    assert torch.equal(pos_only[0][0], pos[0][0])
+    assert torch.equal(out, sample(regions_only, noise, pos_only, neg, torch.zeros_like(t.x), steps=2, cfg=1.0))
+
+    total = sum(LENGTHS.values())
+    start = ctx_len(family, total) - total                        # where the base prompt's tokens are
+    cols = [[start + p for p in ps] for ps in STACK_WORDS]
+    f, h, w = grid_of(family)
+    masked, plain = [], []
+    for c in tap.calls[:n_calls]:
+        stream, nq, nk = classify(family, c, total)
+        if stream not in ("joint", "text_cross"):
+            continue
+        qi = slice(nq - f * h * w, nq)                             # text first: the image queries last
+        q, k = bhnd(c, c["q"]), bhnd(c, c["k"])
+        s = q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5
+        for probs_, acc in ((probs(c), masked), (torch.softmax(s, -1), plain)):
+            p = probs_[0][:, qi]                                   # (H, N_img, K) of the one cond row
+            acc.append(torch.stack([p[..., cc].sum(-1) for cc in cols]).mean(1))     # (W, N_img)
+    assert masked, "no call with text keys was tapped"
+
+    def grid_maps(acc):
+        m_ = torch.stack(acc).mean(0)
+        return m_.view(len(cols), f, h, w).permute(1, 0, 2, 3)
+
+    got = handle.maps.double()
+    assert got.shape == (f, len(cols), h, w)
+    torch.testing.assert_close(got, grid_maps(masked), rtol=1e-4, atol=1e-6)
+    unmasked = grid_maps(plain)
+    assert (got - unmasked).abs().max() > 0.05 * unmasked.abs().max()   # the region mask changed the maps
