@@ -1,0 +1,245 @@
+"""MasaCtrl on DiT models (issue 18): mutual self-attention control on joint (text + image) and
+image self-attention (Cao et al. 2023, "MasaCtrl: Tuning-Free Mutual Self-Attention Control for
+Consistent Image Synthesis and Editing"; the UNet version is `masactrl.py`).
+
+Batch [source, target_1..n] sampled from the same noise. From the start step on, in the blocks from
+the start block on, each target's image queries read the SOURCE image tokens' keys and values, in
+each CFG half (cond and uncond chunks alike: the source of a chunk is its item 0).
+
+The rule per stream (rows are a target's; s is the source row of the same chunk):
+- "image_self" (Wan's self-attention, SD3.5's extra image self-attention): attn(Q_t, K_s, V_s), the
+  UNet rule. Wan's text cross-attention is untouched, so the target's prompt still steers it. One
+  fused host call on the whole batch with the target rows of K and V rebuilt from the source's.
+- "joint" (Flux, Flux.2, Chroma, SD3, Qwen-Image, Lumina 2 / Z-Image, HunyuanVideo, HiDream): the
+  target's image queries attend to the joint key set of the TARGET's text keys and the SOURCE's image
+  keys, with the matching values, one softmax over that set:
+      O_t[img] = softmax(Q_t[img] [K_t[txt]; K_s[img]]^T / sqrt(d)) [V_t[txt]; V_s[img]]
+  so the target's prompt still steers (its text keys compete in the same softmax) while appearance
+  comes from the source. The target's text-query rows keep their own attention (the host's output on
+  the target's own q, k, v), and so do the source rows. Run as the host's default call on the whole
+  batch, then one more fused host call for the target rows' image queries on the rebuilt keys and
+  values (the sequences keep their token order: image key columns are the source's); never explicit
+  probabilities. Extra work per acting call: the target rows' image queries once more.
+- mode "union" (as on UNets): the target's image queries attend to its own keys and the source's
+  image keys: [K_t; K_s[img]] (joint) or [K_t; K_s] (image self), one softmax.
+
+A host mask (Flux `attention_mask`, Lumina's caption padding) is carried along: a key column keeps the
+mask entry of the row its key comes from.
+
+Positions (RoPE, SD3's absolute embedding) are already in q / k when the override sees them, so the
+source's keys carry the source's positions. That is the target's positions exactly when both come
+from the same grid, which in one batch they always do (a tiled call's chunks are tiles of the same
+canvas window for every item). What is refused: reference-image tokens among the sequence (Kontext /
+Qwen-Image edit `reference_latents`: images of their own size and positions, neither the text nor the
+generated image) are a named error before the first step; a call whose sequence is not exactly the
+text and image tokens the model call's inputs imply (another patch added tokens, HunyuanVideo ByT5 /
+vision tokens, HiDream E1's edit image) is stood aside from, logged once per block.
+
+Blocks: `start_block` is a block index over the model's main blocks in forward order (refiners
+excluded; Flux: the double blocks, then the single ones), or a depth fraction f in [0, 1) (a block
+acts when its centre (k + 0.5) / n >= f, the `DitLayerSelector` rule). Default: fraction 0.625, the
+place of the paper's L = 10 among SD1.5's 16 transformer blocks (the same share of the forward left
+alone); not measured on DiTs. `start_step`: a step count (>= 1) or a fraction of the steps (< 1),
+as on UNets.
+
+Mask guidance (the paper's foreground / background split) is not implemented on DiTs.
+"""
+from __future__ import annotations
+
+import torch
+
+from .core import AttentionControlError, Run
+from .dit_layers import DitLayerSelector, describe_blocks
+from .dit_router import DitCall, DitController, DitRouter, host_mask
+from .validate import check_finite
+
+__all__ = ["DitMasaCtrlController", "DEFAULT_START_FRACTION", "resolve_start_step"]
+
+DEFAULT_START_FRACTION = 0.625          # 10 / 16: the paper's L = 10 of SD1.5's 16 blocks
+STREAMS = frozenset({"joint", "image_self"})
+REFERENCE_KEYS = ("reference_latents", "ref_latents")
+
+
+def resolve_start_step(start_step: float, n_steps: int) -> int:
+    """The first step of a run of `n_steps` at which the control acts: a count (>= 1) or a fraction
+    of the steps (< 1); a start at or past the run's steps is an error naming start_step."""
+    start = int(round(start_step * n_steps)) if start_step < 1 else int(start_step)
+    if start >= n_steps:
+        given = f"{start_step:g} of {n_steps} steps" if start_step < 1 else f"{start_step:g}"
+        raise AttentionControlError(
+            f"start_step: {given} starts at step {start}, but this run has {n_steps} sampling step(s) "
+            f"(0..{n_steps - 1}), so MasaCtrl would never act; use a start_step below {n_steps} "
+            f"(e.g. {n_steps // 4}), a fraction < 1, or sample more steps")
+    return start
+
+
+def _seq(call: DitCall, sl: slice) -> tuple:
+    """An index of q / k / v (the call's layout) that takes the tokens `sl` of every row."""
+    return (slice(None),) * (2 if call.site.layout == "bhnd" else 1) + (sl,)
+
+
+def _seq_dim(call: DitCall) -> int:
+    return 2 if call.site.layout == "bhnd" else 1
+
+
+class DitMasaCtrlController(DitController):
+    """MasaCtrl on DiT attention (see the module docstring)."""
+    name = "masactrl"
+    streams = STREAMS
+
+    def __init__(self, start_step: float = 4, start_block: int | float | None = None, mode: str = "mutual"):
+        if mode not in ("mutual", "union"):
+            raise AttentionControlError(f"mode: '{mode}' is not mutual or union")
+        check_finite("start_step", start_step, "give a step count (>= 1) or a fraction of the steps (< 1)")
+        if start_step < 0:
+            raise AttentionControlError(f"start_step: {start_step} must be >= 0 (a step count, or a fraction < 1)")
+        if start_step >= 1 and float(start_step) != int(start_step):
+            raise AttentionControlError(f"start_step: {start_step:g} is neither a step count (a whole number >= 1) "
+                                        f"nor a fraction of the steps (< 1)")
+        if start_block is None:
+            start_block = DEFAULT_START_FRACTION
+        if isinstance(start_block, bool) or not isinstance(start_block, (int, float)):
+            raise AttentionControlError(f"start_layer: {start_block!r} is neither a block index nor a depth fraction")
+        if isinstance(start_block, float):
+            check_finite("start_layer", start_block, "give a block index (>= 0) or a depth fraction in [0, 1)")
+            if not 0.0 <= start_block < 1.0:
+                raise AttentionControlError(
+                    f"start_layer: depth fraction {start_block:g} is outside [0, 1); give a fraction such as 0.5, "
+                    "or a whole block index")
+            self.selector = DitLayerSelector(fractions=((float(start_block), 1.0),), text=f"{start_block:g}-1.0")
+        else:
+            if start_block < 0:
+                raise AttentionControlError(f"start_layer: {start_block} must be >= 0 (or -1 for auto at the node)")
+            self.selector = None
+        self.start_step = start_step
+        self.start_block = start_block
+        self.mode = mode
+        self._blocks = frozenset()
+
+    # -- selection
+    def validate(self, router: DitRouter) -> None:
+        main = [b for b in router.blocks if b in router.depth]
+        if isinstance(self.start_block, float):
+            picked = [b for b in main if self.selector.matches(b[0], b[1], router.depth[b])]
+            what = f"depth fraction {self.start_block:g} (block centres (k + 0.5) / {len(main)} >= it)"
+        else:
+            picked = [b for b in main if router.depth[b][0] >= self.start_block]
+            what = f"block index {self.start_block}"
+        streams = {s for t, i, s in router.schedule if (t, i) in set(picked)}
+        if not picked or not streams & STREAMS:
+            raise AttentionControlError(
+                f"start_layer: {what} selects no block with self- or joint attention of this {router.family} "
+                f"model, which has {len(main)} main blocks ({describe_blocks(main)}, numbered 0..{len(main) - 1} "
+                f"in forward order); use a smaller index, or -1 for auto")
+        self._blocks = frozenset(picked)
+
+    def wants(self, site) -> bool:
+        return site.stream in STREAMS and site.block in self._blocks
+
+    def begin_run(self, run: Run) -> None:
+        if run.batch < 2:
+            raise AttentionControlError(
+                f"latent: MasaCtrl needs a batch of the source and at least one target, got a batch of {run.batch}. "
+                "Use the latent and conditioning outputs of the MasaCtrl node (or a batch [source, target] with "
+                "shared noise).")
+        for name, conds in (run.conds or {}).items():
+            for c in conds or []:
+                if isinstance(c, dict) and any(c.get(k) is not None for k in REFERENCE_KEYS):
+                    raise AttentionControlError(
+                        f"{name}: the conditioning carries reference latents (Kontext / edit reference images): "
+                        "their tokens have positions of another image, so MasaCtrl on DiTs cannot pair them with the "
+                        "source's; remove the ReferenceLatent from the MasaCtrl run")
+        d = run.data(self)
+        d["start"] = resolve_start_step(self.start_step, run.n_steps)
+        d["fired"] = {}
+
+    # -- attention
+    def _located(self, call: DitCall) -> bool:
+        g = call.geometry
+        if g is None or call.q_image is None or call.k_image is None:
+            return False
+        nq = call.q.shape[_seq_dim(call)]
+        nk = call.k.shape[_seq_dim(call)]
+        if call.site.stream == "image_self":
+            return nq == nk == g.n_image
+        return (call.q_text is not None and call.k_text is not None
+                and nq == nk == g.text_len + g.n_image and call.v.shape[_seq_dim(call)] == nk)
+
+    def _mask(self, call: DitCall, tgt: torch.Tensor, src: torch.Tensor, q_sel: slice | None):
+        """The host mask for the target rows' call: rows of the targets, the query rows `q_sel`, image
+        key columns from the source's rows (union: the source's image columns appended)."""
+        m = host_mask(call.mask)
+        if m is None:
+            return ...
+        nq = call.q.shape[_seq_dim(call)]
+        if q_sel is not None and m.shape[-2] == nq:
+            m = m[..., q_sel, :]
+        kimg = (slice(None),) * (m.ndim - 1) + (call.k_image,)
+        if m.shape[0] == 1:
+            mt = ms = m
+        else:
+            mt, ms = m.index_select(0, tgt), m.index_select(0, src)
+        if self.mode == "union":
+            mt, ms = torch.broadcast_tensors(mt, ms)
+            return torch.cat([mt, ms[kimg]], dim=-1)
+        if ms is mt:
+            return mt
+        out = mt.clone()
+        out[kimg] = ms[kimg]
+        return out
+
+    def attend(self, call: DitCall):
+        run = call.run
+        if run is None:
+            return None
+        d = run.data(self)
+        if "start" not in d or call.step < d["start"]:
+            return None
+        B, n_chunks = call.batch, len(call.cond_or_uncond)
+        if B < 2 or call.q.shape[0] != B * n_chunks:
+            return None
+        if not self._located(call):
+            run.router.warn_once(("masactrl-geometry", call.site.block, call.site.stream),
+                                 "attention_control: MasaCtrl skips %s: its tokens are not exactly the text and image "
+                                 "tokens of the model call's inputs (another patch or a reference image added tokens)",
+                                 call.site.label())
+            return None
+        dev = call.q.device
+        tgt = torch.tensor([j * B + i for j in range(n_chunks) for i in range(1, B)], device=dev)
+        src = torch.tensor([j * B for j in range(n_chunks) for _ in range(1, B)], device=dev)
+        q, k, v = call.q, call.k, call.v
+        sd = _seq_dim(call)
+        joint = call.site.stream == "joint"
+        lab = call.site.block
+        d["fired"][lab] = d["fired"].get(lab, 0) + 1
+
+        if not joint and self.mode == "mutual":
+            # every query of a target row reads the source's keys and values: one call on the batch
+            k2, v2 = k.clone(), v.clone()
+            k2[tgt] = k.index_select(0, src)
+            v2[tgt] = v.index_select(0, src)
+            m = host_mask(call.mask)
+            if m is None or m.shape[0] == 1:
+                m = ...
+            else:
+                m = m.clone()
+                m[tgt] = m.index_select(0, src)
+            return call.default(q, k2, v2, mask=m)
+
+        out = call.default()
+        img = _seq(call, call.k_image)
+        kt, vt = k.index_select(0, tgt), v.index_select(0, tgt)
+        ks, vs = k.index_select(0, src)[img], v.index_select(0, src)[img]
+        if self.mode == "union":
+            k2, v2 = torch.cat([kt, ks], dim=sd), torch.cat([vt, vs], dim=sd)
+        else:
+            k2, v2 = kt.clone(), vt.clone()
+            k2[img], v2[img] = ks, vs
+        q_sel = call.q_image if joint else slice(None)
+        q2 = q.index_select(0, tgt)[_seq(call, q_sel)]
+        o2 = call.default(q2, k2, v2, mask=self._mask(call, tgt, src, q_sel if joint else None))
+        if out.ndim == 3:                                    # (B, N, H*D)
+            out[tgt, q_sel] = o2.to(out.dtype)
+        else:                                                # (B, H, N, D): skip_output_reshape
+            out[tgt, :, q_sel] = o2.to(out.dtype)
+        return out
