@@ -16,6 +16,9 @@ What the context is, per family (N: the tokenizer's token count for the prompt)
 | Qwen-Image | `qwen_image.QwenImageTokenizer` | Qwen2.5-VL over the chat template; the encoder drops the template's first 34 tokens (system turn and `<\|im_start\|>user\n`) and keeps the prompt plus `<\|im_end\|>\n<\|im_start\|>assistant\n` | N - 34 |
 | Lumina 2 | `lumina2.LuminaTokenizer` | Gemma 2 2B tokens: `<bos>`, prompt; no padding. CLIPTextEncodeLumina2 puts `"<system prompt> <Prompt Start> "` before the prompt (pass it as `prefix`); plain CLIPTextEncode adds nothing | N |
 | Z-Image | `z_image.ZImageTokenizer` | Qwen3 4B over `<\|im_start\|>user\n{prompt}<\|im_end\|>\n<\|im_start\|>assistant\n`, all of it kept | N (checkpoints with `cap_pad_token`: NextDiT appends learned pad rows inside the model up to a multiple of 32; positions unchanged) |
+| HunyuanVideo | `hunyuan_video.HunyuanVideoTokenizer` | Llama 3 over its chat template (`<\|begin_of_text\|>`, a system turn, `<\|start_header_id\|>user<\|end_header_id\|>\n\n{prompt}<\|eot_id\|>`); the encoder keeps the user turn from after `\n\n` to `<\|eot_id\|>` included (CLIP-L gives only the pooled vector); no padding | N - 95 |
+| HunyuanVideo 1.5 | `hunyuan_video.HunyuanVideo15Tokenizer` | Qwen2.5-VL over its chat template, cut as Qwen-Image's: the prompt plus `<\|im_end\|>\n<\|im_start\|>assistant\n` | N - 98 |
+| HunyuanImage 2.1 | `hunyuan_image.HunyuanImageTokenizer` | Qwen2.5-VL, cut as Qwen-Image's: the prompt plus `<\|im_end\|>` (a prompt that starts with a literal `<`, the refiner's template: a fixed 36 tokens dropped) | N - 34 |
 | Flux.2 | `flux.Flux2Tokenizer` | Mistral 3 over `<s>[SYSTEM_PROMPT]...[/SYSTEM_PROMPT][INST]{prompt}[/INST]`; `model_base.Flux2.extra_conds` left-pads the context with zero rows to 512 | max(512, N) |
 
 How positions map: a word's positions are those of the tokens that carry its characters in the
@@ -26,15 +29,22 @@ case-insensitive, ignores whitespace inside the word ("blue square" finds the tw
 word boundaries, so "red" does not match inside "infrared" (letters of scripts written without
 spaces, such as Chinese, need none). A word is read the way the tokenizer reads the prompt: where
 the tokenizer parses weights (`(red:1.2)`, escaped `\(`), the word's weight syntax is stripped the
-same way; where ComfyUI disables weights (Qwen-Image, Z-Image, Flux.2 tokenize the prompt
-verbatim), the prompt's literal text is searched. In SD3 a word has positions in both parts: its
+same way; where ComfyUI disables weights (Qwen-Image, HunyuanVideo 1.5, HunyuanImage 2.1, Z-Image,
+Flux.2 tokenize the prompt verbatim), the prompt's literal text is searched. In SD3 a word has positions in both parts: its
 CLIP rows, then its T5 rows (offset by the CLIP part's length), one word spec. `#5` / `#5+6` give
 context positions directly. Positions index `c_crossattn` as the model gets it (for Flux.2 after
 the left padding: `DitContext.cond_length` is the CONDITIONING tensor's length before it).
 
-Not handled, with a named error: HiDream (four encoders feeding different blocks), HunyuanVideo /
-HunyuanImage / HunyuanVideo 1.5, Omnigen2, Cosmos, Mochi, LTXV, AuraFlow and the other ComfyUI text
-encoders listed in UNSUPPORTED. Positions are those of the text-only encode (CLIPTextEncode):
+HunyuanVideo 1.5 / HunyuanImage 2.1: quoted text in the prompt (`"..."`) also goes to ByT5 as a
+separate conditioning (`conditioning_byt5small`, not in `c_crossattn`) that the model joins to the
+refined context inside its forward; positions index `c_crossattn` (what the router's text slice
+holds when no such tokens are joined). HunyuanVideo's Llama 3 tokenizer file (byte-level BPE) must
+be read as it is: transformers 5's LlamaTokenizerFast rebuilds it with a Metaspace pre-tokenizer
+that drops spaces ("a red" -> one token "ared"), and the words are then searched in what that
+tokenizer produced, which is what the model gets.
+
+Not handled, with a named error: HiDream (four encoders feeding different blocks), Omnigen2, Cosmos,
+Mochi, LTXV, AuraFlow and the other ComfyUI text encoders listed in UNSUPPORTED. Positions are those of the text-only encode (CLIPTextEncode):
 image-edit encodes (TextEncodeQwenImageEdit and the like) put image tokens into the context and
 change its length, which a caller sees as a context-length mismatch.
 """
@@ -60,11 +70,13 @@ FAMILIES = {
     "WanT5Tokenizer": "Wan 2.1",
     "LuminaTokenizer": "Lumina 2",
     "ZImageTokenizer": "Z-Image",
+    "HunyuanVideoTokenizer": "HunyuanVideo",
+    "HunyuanVideo15Tokenizer": "HunyuanVideo 1.5",
+    "HunyuanImageTokenizer": "HunyuanImage 2.1",
 }
 SD_TOKENIZERS = ("SD1Tokenizer", "SD2Tokenizer", "SDXLTokenizer", "StableCascadeTokenizer", "SDTokenizer")
 UNSUPPORTED = {
-    "HiDreamTokenizer": "HiDream", "HunyuanVideoTokenizer": "HunyuanVideo", "HunyuanVideo15Tokenizer": "HunyuanVideo 1.5",
-    "HunyuanImageTokenizer": "HunyuanImage", "Omnigen2Tokenizer": "Omnigen2", "NTokenizer": "Gemma 3 (NTokenizer)",
+    "HiDreamTokenizer": "HiDream", "Omnigen2Tokenizer": "Omnigen2", "NTokenizer": "Gemma 3 (NTokenizer)",
     "MochiT5Tokenizer": "Mochi", "LTXVT5Tokenizer": "LTXV", "CosmosT5Tokenizer": "Cosmos", "AuraT5Tokenizer": "AuraFlow",
     "SAT5Tokenizer": "Stable Audio", "AceT5Tokenizer": "ACE", "HyditTokenizer": "HunyuanDiT",
 }
@@ -73,6 +85,9 @@ SUPPORTED_TEXT = "SD1.x / SD2.x / SDXL CLIP, " + ", ".join(FAMILIES.values())
 # ComfyUI's own constants: Qwen2 <|im_start|>, "user", "\n" (qwen_image.QwenImageTEModel.encode_token_weights)
 _QWEN_IM_START, _QWEN_USER, _QWEN_NL = 151644, 872, 198
 _FLUX2_TEXT_LEN = 512        # model_base.Flux2.extra_conds target_text_len
+# Llama 3 <|start_header_id|>, "user", <|end_header_id|>, "\n\n", <|eot_id|> (hunyuan_video.HunyuanVideoClipModel)
+_LLAMA_HEADER, _LLAMA_USER, _LLAMA_HEADER_END, _LLAMA_NLNL, _LLAMA_EOT = 128006, 882, 128007, 271, 128009
+_QWEN_LT, _HUNYUAN_IMAGE_REFINER_END = 27, 36    # hunyuan_image.HunyuanImageTEModel: "<" first -> 36 dropped
 
 
 def classify(tokenizer) -> tuple[str, str | None]:
@@ -292,15 +307,23 @@ def dit_context(clip, prompt: str, prefix: str = "") -> DitContext:
     if family == "Z-Image":
         part, n = _stream(clip, "qwen3_4b", "qwen3_4b", "bbpe", "Qwen3", full, ref)
         return DitContext(family, n, n, [part], False)
-    if family == "Qwen-Image":
+    if family in ("Qwen-Image", "HunyuanVideo 1.5", "HunyuanImage 2.1"):
         ids = _flat(full["qwen25_7b"][:1])
         n_all = len(_flat(full["qwen25_7b"]))
         start = _qwen_image_template_end(ids, n_all)
+        if family != "Qwen-Image" and ids and ids[0] == _QWEN_LT and len(ids) > _HUNYUAN_IMAGE_REFINER_END:
+            start = _HUNYUAN_IMAGE_REFINER_END
         kept = range(n_all)[start:]
         keep_from = kept.start if len(kept) else n_all
         part, _ = _stream(clip, "qwen25_7b", "qwen25_7b", "bbpe", "Qwen2.5-VL", full, ref, keep_from=keep_from,
                           length=len(kept))
         return DitContext(family, len(kept), len(kept), [part], False)
+    if family == "HunyuanVideo":
+        ids = _flat(full["llama"][:1])
+        kept = range(len(_flat(full["llama"])))[_hunyuan_video_crop(ids)]
+        keep_from = kept.start if len(kept) else len(ids)
+        part, _ = _stream(clip, "llama", "llama", "bbpe", "Llama 3", full, ref, keep_from=keep_from, length=len(kept))
+        return DitContext(family, len(kept), len(kept), [part], True)
     if family == "Flux.2":
         n = len(_flat(full["mistral3_24b"]))
         pad = max(0, _FLUX2_TEXT_LEN - n)
@@ -333,6 +356,21 @@ def _qwen_image_template_end(ids: list[int], n_out: int) -> int:
         if ids[template_end + 1] == _QWEN_USER and ids[template_end + 2] == _QWEN_NL:
             template_end += 3
     return template_end
+
+
+def _hunyuan_video_crop(ids: list[int]) -> slice:
+    """ComfyUI's HunyuanVideoClipModel.encode_token_weights: the output is the Llama rows from the
+    user turn's `<|end_header_id|>` (moved past it and "\\n\\n" when "\\n\\n" follows) to its
+    `<|eot_id|>`, included."""
+    template_end, user_end = 0, None
+    for i, t in enumerate(ids):
+        if t == _LLAMA_HEADER and ids[i + 1:i + 3] == [_LLAMA_USER, _LLAMA_HEADER_END]:
+            template_end, user_end = i + 2, -1
+        if t == _LLAMA_EOT and user_end == -1:
+            user_end = i + 1
+    if len(ids) > template_end + 2 and ids[template_end + 1] == _LLAMA_NLNL:
+        template_end += 2
+    return slice(template_end, user_end)
 
 
 # --------------------------------------------------------------------------------------------

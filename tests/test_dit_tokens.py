@@ -3,7 +3,15 @@
 Every CLIP here is a real `comfy.sd.CLIP`, built the way ComfyUI's text-encoder loader builds it
 (ClipTarget of the family's real tokenizer and text-encoder classes), with the encoder's weights on
 the meta device (no weights are needed to tokenize). The tokenizer files are the ones ComfyUI ships
-in comfy/text_encoders/ (t5_tokenizer, qwen25_tokenizer, the CLIP ones).
+in comfy/text_encoders/ (t5_tokenizer, qwen25_tokenizer, llama_tokenizer, the CLIP ones).
+
+HunyuanVideo's Llama 3 tokenizer (llama_tokenizer/tokenizer.json, byte-level BPE): ComfyUI loads it
+with transformers' LlamaTokenizerFast, which in this host's transformers 5 rebuilds the tokenizer
+from the vocabulary with a sentencepiece-style Metaspace pre-tokenizer instead of the file's
+byte-level one (spaces and newlines are lost: "a red circle" -> "ared", "circle"). The test CLIP is
+built with transformers' PreTrainedTokenizerFast in that slot, which reads tokenizer.json as it is
+(what LlamaTokenizerFast does in transformers 4.x, the version ComfyUI 0.3.75 targets); everything
+else (template, BOS, crop) is ComfyUI's.
 
 Tokenizers that only come inside a checkpoint are covered with ComfyUI's real tokenizer classes fed
 a tiny model trained here:
@@ -33,6 +41,8 @@ import comfy.sd1_clip
 import comfy.supported_models_base
 import comfy.text_encoders.flux as flux_te
 import comfy.text_encoders.genmo as genmo_te
+import comfy.text_encoders.hunyuan_image as hunyuan_image_te
+import comfy.text_encoders.hunyuan_video as hunyuan_video_te
 import comfy.text_encoders.lumina2 as lumina_te
 import comfy.text_encoders.pixart_t5 as pixart_te
 import comfy.text_encoders.qwen_image as qwen_te
@@ -105,6 +115,17 @@ def tiny_mistral_class():
     return TinyMistral3Tokenizer
 
 
+def hunyuan_video_clip():
+    """The HunyuanVideo CLIP with the Llama 3 tokenizer file read as it is (see the module docstring)."""
+    import transformers
+    real = hunyuan_video_te.LlamaTokenizerFast
+    hunyuan_video_te.LlamaTokenizerFast = transformers.PreTrainedTokenizerFast
+    try:
+        return make_clip(hunyuan_video_te.HunyuanVideoTokenizer, hunyuan_video_te.hunyuan_video_clip())
+    finally:
+        hunyuan_video_te.LlamaTokenizerFast = real
+
+
 BUILDERS = {
     "Flux": lambda m: make_clip(flux_te.FluxTokenizer, flux_te.flux_clip()),
     "Chroma": lambda m: make_clip(pixart_te.PixArtTokenizer, pixart_te.pixart_te()),
@@ -117,6 +138,9 @@ BUILDERS = {
     "Lumina 2": lambda m: make_clip(lumina_te.LuminaTokenizer, lumina_te.te(), {"spiece_model": m["gemma"]}),
     "Flux.2": lambda m: make_clip(flux_te.Flux2Tokenizer, flux_te.flux2_te(pruned=True),
                                   {"mistral3_24b_tokenizer_class": tiny_mistral_class()}),
+    "HunyuanVideo": lambda m: hunyuan_video_clip(),
+    "HunyuanVideo 1.5": lambda m: make_clip(hunyuan_video_te.HunyuanVideo15Tokenizer, hunyuan_image_te.te()),
+    "HunyuanImage 2.1": lambda m: make_clip(hunyuan_image_te.HunyuanImageTokenizer, hunyuan_image_te.te()),
 }
 
 
@@ -271,6 +295,58 @@ def test_flux2_context_is_left_padded_to_512(clips):
         positions(clip, "descriptions", prompt="a red circle")
 
 
+def test_hunyuan_video_keeps_the_user_turn_of_the_llama3_template(clips):
+    clip = clips("HunyuanVideo")
+    ids = raw_ids(clip, "llama")
+    # <|begin_of_text|>, the system turn, <|start_header_id|>user<|end_header_id|>\n\n (95 tokens), then
+    # a red circle and a blue square <|eot_id|>: ComfyUI keeps the prompt and the <|eot_id|>
+    assert ids[0] == 128000 and len(ids) == 95 + 7 + 1 and ids[-1] == 128009
+    assert decode(clip, "llama", ids[91:95]) == "<|start_header_id|>user<|end_header_id|>\n\n"
+    got, n = positions(clip, "red, circle, blue square, a")
+    assert n == 8 and got == [[1], [2], [5, 6], [0, 4]]
+    assert decode(clip, "llama", [ids[95 + p] for p in got[2]]) == " blue square"
+    assert len(clip.tokenize(PROMPT)["l"][0]) == 77                 # CLIP-L: only the pooled vector
+    # the prompt's weights are parsed; words of the system turn are not the user's
+    # (ComfyUI tokenizes each weighted segment alone: "a " | "red" | " circle" -> a, Ġ, red, Ġcircle; the
+    # lone space piece before the word counts as the word's, as sentencepiece's lone "▁" does)
+    weighted = "a (red:1.2) circle"
+    assert positions(clip, "red, (red:1.2)", prompt=weighted)[0] == [[1, 2], [1, 2]]
+    ids = raw_ids(clip, "llama", weighted)
+    assert decode(clip, "llama", ids[95 + 1:95 + 3]) == " red" and clip.tokenize(weighted)["llama"][0][97][1] == 1.2
+    with pytest.raises(AttentionControlError, match="'video' is not in the prompt"):
+        positions(clip, "video")
+
+
+def test_hunyuan_qwen_templates_of_video15_and_image21(clips):
+    v15, i21 = clips("HunyuanVideo 1.5"), clips("HunyuanImage 2.1")
+    for clip, tail in ((v15, "<|im_end|>\n<|im_start|>assistant\n"), (i21, "<|im_end|>")):
+        ids = raw_ids(clip, "qwen25_7b")
+        got, n = positions(clip, "red, circle, blue square, a")
+        # the second <|im_start|> and "user\n" end the dropped part; the prompt and the template's tail stay
+        start = len(ids) - n
+        assert decode(clip, "qwen25_7b", ids[start - 3:start]) == "<|im_start|>user\n"
+        assert decode(clip, "qwen25_7b", ids[start:]) == PROMPT + tail
+        assert got == [[1], [2], [5, 6], [0, 4]]
+    assert positions(v15, "red")[1] == 12 and positions(i21, "red")[1] == 8
+    with pytest.raises(AttentionControlError, match="'video' is not in the prompt"):
+        positions(v15, "video")
+    # quoted text also goes to ByT5 (a separate conditioning, conditioning_byt5small): the context is unchanged
+    quoted = 'a sign that says "red"'
+    assert "byt5" in i21.tokenize(quoted)
+    (red,), n = positions(i21, "red", prompt=quoted)
+    assert n == len(raw_ids(i21, "qwen25_7b", quoted)) - 34 and red == [5]          # a sign that says Ġ" red
+    # HunyuanImage 2.1's encoder drops a fixed 36 tokens from a prompt that starts with "<" (the refiner's
+    # Llama-style template, which the Qwen tokenizer reads as text)
+    refiner = "<|start_header_id|>system<|end_header_id|> describe <|start_header_id|>user<|end_header_id|> a red cat "
+    refiner += "sits on a small green mat next to a big blue dog"
+    ids = raw_ids(i21, "qwen25_7b", refiner)
+    assert ids[0] == 27 and len(ids) > 36
+    (dog,), n = positions(i21, "dog", prompt=refiner)
+    assert n == len(ids) - 36 and decode(i21, "qwen25_7b", [ids[36 + p] for p in dog]) == " dog"
+    with pytest.raises(AttentionControlError, match="'cat' is not in the prompt"):       # in the dropped 36
+        positions(i21, "cat", prompt=refiner)
+
+
 # --- prompt syntax ---------------------------------------------------------------------------------
 
 def test_weight_syntax_and_escapes_follow_the_tokenizer(clips):
@@ -371,6 +447,9 @@ ROW_CASES = [  # family, sub-tokenizer key of each part (in order), words
     ("Wan", ["umt5xxl"], "red, blue square"),
     ("Lumina 2", ["gemma2_2b"], "red, blue square"),
     ("Flux.2", ["mistral3_24b"], "red, blue square"),
+    ("HunyuanVideo", ["llama"], "red, blue square, a"),
+    ("HunyuanVideo 1.5", ["qwen25_7b"], "red, blue square"),
+    ("HunyuanImage 2.1", ["qwen25_7b"], "red, square"),
 ]
 
 
