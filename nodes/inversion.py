@@ -1,4 +1,4 @@
-"""Nodes: AttnCtl_DDIMInversion, AttnCtl_NullTextInversion, AttnCtl_ReplaySource."""
+"""Nodes: AttnCtl_DDIMInversion, AttnCtl_NullTextInversion, AttnCtl_FlowInversion, AttnCtl_ReplaySource."""
 from __future__ import annotations
 
 import logging
@@ -11,12 +11,21 @@ from ..attention.core import AttentionControlError
 from ..attention.replay import ReplayController
 from ..attention.router import attach
 from ..attention.inversion_glue import ddim_invert, null_text_invert
+from ..attention.flow_inversion_glue import flow_invert, is_flow, sampling_name
 from ..attention.validate import check_finite
 from .common import check_widgets, validation_result
 
 log = logging.getLogger("attention_control.inversion")
 
 TrajectoryType = io.Custom("TRAJECTORY")
+
+
+def _refuse_flow(model, node: str) -> None:
+    if is_flow(model):
+        raise AttentionControlError(
+            f"model: {node} inverts the DDIM path of noise-prediction (eps / v) models, but this model is a "
+            f"rectified flow ({sampling_name(model)}: Flux, SD3, Wan ...); use Flow Inversion (rectified flow) "
+            f"(AttnCtl_FlowInversion)")
 
 
 class DDIMInversion(io.ComfyNode):
@@ -48,6 +57,7 @@ class DDIMInversion(io.ComfyNode):
             raise AttentionControlError(
                 f"latent: DDIM inversion takes one image (batch 1), got a batch of {latent['samples'].shape[0]}")
         check_finite("latent", latent["samples"], "re-encode the image with VAEEncode")
+        _refuse_flow(model, "DDIM Inversion")
         cb = latent_preview.prepare_callback(model, steps)
         out, traj = ddim_invert(model, positive, latent, steps, scheduler, callback=cb)
         return io.NodeOutput(out, traj)
@@ -96,6 +106,7 @@ class NullTextInversion(io.ComfyNode):
         check_finite("latent", latent["samples"], "re-encode the image with VAEEncode")
         if not negative:
             raise AttentionControlError("negative: connect a negative conditioning (e.g. an empty prompt)")
+        _refuse_flow(model, "Null-text Inversion")
         cb = latent_preview.prepare_callback(model, steps)
         if cfg <= 1.0:
             # CFG 1 is the positive prediction alone: the negative takes no part, so there is nothing to
@@ -107,6 +118,60 @@ class NullTextInversion(io.ComfyNode):
         inv, traj, neg, _log = null_text_invert(model, positive, negative, latent, steps, scheduler, cfg, iterations,
                                                 callback=cb)
         return io.NodeOutput(inv, traj, neg)
+
+
+class FlowInversion(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_FlowInversion",
+            display_name="Flow Inversion (rectified flow)",
+            category="attention_control/editing",
+            description="Takes an encoded image up the ODE of a rectified-flow model (Flux, SD3, Wan, Qwen-Image, "
+                        "Lumina 2 ...) to the noise that regenerates it, for real-image edits; gamma > 0 is "
+                        "RF-Inversion's controlled inversion (Rout et al. 2024) toward the seed's noise. Sample with "
+                        "SamplerCustomAdvanced: noise = this node's noise output, latent_image = its latent, sampler "
+                        "euler, the same steps and scheduler (BasicScheduler); at CFG 1 with this prompt it "
+                        "reconstructs the image. (KSamplerAdvanced with add_noise off cannot start a flow model "
+                        "from a latent: at sigma 1 ComfyUI weights the latent by 1 - sigma = 0.)",
+            inputs=[
+                io.Model.Input("model", tooltip="A rectified-flow model (its patches apply during the inversion too)."),
+                io.Conditioning.Input("positive", tooltip="The prompt describing the image (or an empty prompt); "
+                                                          "CFG 1 (Flux: the conditioning's guidance applies)."),
+                io.Latent.Input("latent", tooltip="The image encoded with VAEEncode (batch 1; a video latent on Wan)."),
+                io.Int.Input("steps", default=28, min=1, max=1000, tooltip="Inversion steps; sample with the same."),
+                io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="simple",
+                               tooltip="Schedule; sample with the same."),
+                io.Float.Input("gamma", default=0.0, min=0.0, max=1.0, step=0.05,
+                               tooltip="RF-Inversion controller guidance toward the seed's noise on every step "
+                                       "(paper, Flux: 0.5). 0: plain inversion (the most faithful reconstruction); "
+                                       "1: the result is the seed's noise exactly (the image is forgotten)."),
+                io.Int.Input("seed", default=0, min=0, max=0xffffffffffffffff, control_after_generate=True,
+                             tooltip="Seed of the target noise y1 of the controlled inversion (ComfyUI's noise for "
+                                     "this seed); unused at gamma 0."),
+            ],
+            outputs=[io.Latent.Output(display_name="latent"), TrajectoryType.Output(display_name="trajectory"),
+                     io.Noise.Output(display_name="noise")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, gamma=None, steps=None, scheduler=None, seed=None):
+        return validation_result(cls, locals())
+
+    @classmethod
+    def execute(cls, model, positive, latent, steps, scheduler, gamma, seed):
+        check_widgets(cls, locals())
+        if not is_flow(model):
+            raise AttentionControlError(
+                f"model: Flow Inversion integrates a rectified-flow ODE, but this model predicts noise "
+                f"({sampling_name(model)}); use DDIM Inversion (AttnCtl_DDIMInversion) or Null-text Inversion")
+        if latent["samples"].shape[0] != 1:
+            raise AttentionControlError(
+                f"latent: Flow Inversion takes one image (batch 1), got a batch of {latent['samples'].shape[0]}")
+        check_finite("latent", latent["samples"], "re-encode the image with VAEEncode")
+        cb = latent_preview.prepare_callback(model, steps)
+        out, traj, noise = flow_invert(model, positive, latent, steps, scheduler, gamma, seed, callback=cb)
+        return io.NodeOutput(out, traj, noise)
 
 
 class ReplaySource(io.ComfyNode):
@@ -130,4 +195,4 @@ class ReplaySource(io.ComfyNode):
         return io.NodeOutput(attach(model, ReplayController(trajectory)))
 
 
-NODES = [DDIMInversion, NullTextInversion, ReplaySource]
+NODES = [DDIMInversion, NullTextInversion, FlowInversion, ReplaySource]
