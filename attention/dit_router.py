@@ -67,6 +67,7 @@ log = logging.getLogger("attention_control")
 
 DIT_ROUTER_KEY = "attention_control_dit_router"
 DIT_RUN_KEY = "attention_control_dit_run"
+DIT_GUIDE_KEY = "attention_control_dit_guidance"
 OVERRIDE_SLOT = "optimized_attention_override"
 WRAPPER_KEY = "attention_control_dit"
 
@@ -306,6 +307,10 @@ class DitController:
     streams: frozenset = frozenset()
     wraps_model = False
     observer = False          # never returns an output; asked first (see the module docstring)
+    # controllers that act on the guided prediction of a whole step (gradient guidance) set this and
+    # override `guide` (the UNet controllers' signature); their guidance forwards reach only them,
+    # with `call.guidance` set to the state they passed to `passes.cond_pass`
+    wraps_guider = False
 
     def __deepcopy__(self, memo):
         return self
@@ -339,6 +344,9 @@ class DitController:
 
     def apply_model(self, apply, x, sigma, run, cond_or_uncond, options=None):
         return apply(x)
+
+    def guide(self, predict, x, sigma, run, passes):
+        return predict(x)
 
 
 class DitRouter:
@@ -405,7 +413,7 @@ class DitCall:
     enter the override again (it is the same slot)."""
     __slots__ = ("site", "q", "k", "v", "heads", "mask", "transformer_options", "_override", "_func", "_args",
                  "_kwargs", "run", "step", "sigma", "geometry", "grid", "q_text", "q_image", "k_text", "k_image",
-                 "cond_or_uncond", "batch")
+                 "cond_or_uncond", "batch", "guidance")
 
     def __init__(self, site, bound, kwargs, override, func, args):
         self.site = site
@@ -413,6 +421,8 @@ class DitCall:
         self.heads = bound["heads"]
         self.mask = bound.get("mask")
         self.transformer_options = to = kwargs.get("transformer_options") or {}
+        # the state of the guidance forward this call belongs to (None in a sampling forward)
+        self.guidance = to.get(DIT_GUIDE_KEY)
         self._override, self._func, self._args, self._kwargs = override, func, args, kwargs
         self.run = override.run
         sig = to.get("sigmas")
@@ -587,6 +597,10 @@ class DitOverride:
                 bound[name] = kwargs[name]
         site = self._site(bound, kwargs, n)
         call = None
+        guidance = (kwargs.get("transformer_options") or {}).get(DIT_GUIDE_KEY)
+        if guidance is not None:
+            # a guidance forward belongs to one controller: the others neither act nor record
+            ctrls = tuple(c for c in ctrls if c is guidance.controller)
         for c in [c for c in reversed(ctrls) if c.observer] + [c for c in reversed(ctrls) if not c.observer]:
             if not c.wants(site):
                 continue
@@ -634,6 +648,26 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
     return out
 
 
+def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
+    """Gradient guidance of whole steps (`DitController.wraps_guider`), as the UNet router's."""
+    to = model_options.get("transformer_options", {})
+    run = to.get(DIT_RUN_KEY)
+    router = to.get(DIT_ROUTER_KEY)
+    ctrls = [c for c in router.controllers if c.wraps_guider] if (run is not None and router is not None) else []
+    if not ctrls or to.get(DIT_GUIDE_KEY) is not None:
+        return executor(x, timestep, model_options, seed)
+    from .router import GuidancePasses               # the router module imports this one
+    passes = GuidancePasses(executor.class_obj, timestep, model_options, guide_key=DIT_GUIDE_KEY)
+
+    def run_from(i):
+        if i < 0:
+            return lambda x_: executor(x_, timestep, model_options, seed)
+        below = run_from(i - 1)
+        return lambda x_: ctrls[i].guide(below, x_, timestep, run, passes)
+
+    return run_from(len(ctrls) - 1)(x)
+
+
 def get_dit_router(model_patcher) -> DitRouter | None:
     return model_patcher.model_options.get("transformer_options", {}).get(DIT_ROUTER_KEY)
 
@@ -664,6 +698,9 @@ def attach_dit(model_patcher, controller: DitController | None = None):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.OUTER_SAMPLE, WRAPPER_KEY, _outer_sample_wrapper)
     if not m.get_wrappers(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY):
         m.add_wrapper_with_key(comfy_ext.WrappersMP.APPLY_MODEL, WRAPPER_KEY, _apply_model_wrapper)
+    if controller is not None and controller.wraps_guider and not m.get_wrappers(
+            comfy_ext.WrappersMP.PREDICT_NOISE, WRAPPER_KEY):
+        m.add_wrapper_with_key(comfy_ext.WrappersMP.PREDICT_NOISE, WRAPPER_KEY, _predict_noise_wrapper)
     return m
 
 

@@ -23,7 +23,10 @@ class _LinearRef(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.weight = weight
-        return F.linear(x, weight, bias)
+        out = F.linear(x, weight, bias)
+        # a view (F.linear of a 3-D input may return one) could not be modified in place afterwards
+        # (DiT blocks write into their projections' outputs): return it as a tensor of its own
+        return out.clone() if out._is_view() else out
 
     @staticmethod
     def backward(ctx, g):
@@ -40,6 +43,19 @@ class _Conv2dRef(torch.autograd.Function):
     def backward(ctx, g):
         stride, padding, dilation, groups = ctx.cfg
         gx = torch.nn.grad.conv2d_input(ctx.shape, ctx.weight.to(g.dtype), g, stride, padding, dilation, groups)
+        return gx, None, None, None, None, None, None
+
+
+class _Conv3dRef(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
+        ctx.weight, ctx.shape, ctx.cfg = weight, x.shape, (stride, padding, dilation, groups)
+        return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, g):
+        stride, padding, dilation, groups = ctx.cfg
+        gx = torch.nn.grad.conv3d_input(ctx.shape, ctx.weight.to(g.dtype), g, stride, padding, dilation, groups)
         return gx, None, None, None, None, None, None
 
 
@@ -61,12 +77,19 @@ class WeightReferences(TorchFunctionMode):
             x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
             if w.is_inference() and torch.is_grad_enabled() and x.requires_grad:
                 return _LinearRef.apply(x, w, b)
-        elif func is F.conv2d:
+        elif func is F.conv2d or func is F.conv3d:
             x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
             padding = _arg(args, kwargs, 4, "padding", 0)
             if w.is_inference() and torch.is_grad_enabled() and x.requires_grad and not isinstance(padding, str):
-                return _Conv2dRef.apply(x, w, _arg(args, kwargs, 2, "bias"), _arg(args, kwargs, 3, "stride", 1), padding,
-                                        _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1))
+                ref = _Conv2dRef if func is F.conv2d else _Conv3dRef
+                return ref.apply(x, w, _arg(args, kwargs, 2, "bias"), _arg(args, kwargs, 3, "stride", 1), padding,
+                                 _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1))
+        elif func is getattr(F, "rms_norm", None):
+            args = list(args)               # (input, normalized_shape, weight, eps): DiT norms
+            if len(args) > 2:
+                args[2] = _copy_if_inference(args[2])
+            elif "weight" in kwargs:
+                kwargs["weight"] = _copy_if_inference(kwargs["weight"])
         elif func is F.group_norm or func is F.layer_norm:
             args = list(args)               # (input, groups | shape, weight, bias, eps)
             for i, name in ((2, "weight"), (3, "bias")):
@@ -98,3 +121,12 @@ def autograd_weights(modules):
     finally:
         for store, name, t in reversed(swapped):
             store[name] = t
+
+
+@contextlib.contextmanager
+def saved_copies():
+    """Autograd keeps its own copy of every tensor it saves for backward, so that a model that
+    writes into its residual stream in place (`img += ...` in the Flux blocks) after an op saved it
+    still differentiates. Costs one copy of the saved activations of the guidance forward."""
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
+        yield

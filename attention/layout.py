@@ -225,6 +225,37 @@ class LayoutObject:
     positions: list[int]            # token positions of the phrase (plus start/end tokens if asked)
 
 
+def descend(x, sig: float, iterations: int, strength: float, threshold: float, energy_at):
+    """The paper's latent update, x <- x - sigma^2 grad_x(strength * E), while E > threshold, at most
+    `iterations` times (per latent item: items below the threshold stop moving). `energy_at(xk)` runs
+    a guidance forward at xk (which requires grad) and returns the (B,) energy. -> (moved latent,
+    the energies seen per iteration)."""
+    log = []
+    with torch.inference_mode(False), torch.enable_grad():
+        xk = x.detach().clone()
+        for _ in range(iterations):
+            xk.requires_grad_(True)
+            energy = energy_at(xk)
+            active = (energy.detach() > threshold).to(energy.dtype)
+            log.append([float(e) for e in energy.detach()])
+            if not bool(active.any()):
+                xk = xk.detach()
+                break
+            grad, = torch.autograd.grad((strength * energy * active).sum(), [xk])
+            xk = (xk.detach() - (sig ** 2) * grad.detach()).detach()
+        xk = xk.detach()
+    return xk, log
+
+
+def guided_prediction(predict, x, xk, carry: float):
+    """The denoised prediction at the moved latent xk, handed over so that a first-order step from
+    x lands where the paper's step from xk lands (see the module docstring)."""
+    xk_inf = xk.clone()
+    shift = xk_inf - x
+    den = predict(xk_inf)
+    return den + carry * shift if carry else den
+
+
 class _PassState:
     """One guidance forward: collects the energy of the selected layers (with gradients)."""
 
@@ -239,16 +270,13 @@ class _PassState:
         return self
 
 
-class LayoutController(Controller):
-    """Backward (gradient) and forward (attention-bias) layout guidance."""
-    name = "layout guidance"
-    kinds = frozenset({"cross"})
-    wraps_guider = True
+class LayoutConfig:
+    """The settings of layout guidance, checked (shared by the UNet and the DiT controllers)."""
 
-    def __init__(self, objects: list[LayoutObject], prompt_len: int, selector: LayerSelector,
+    def __init__(self, objects: list[LayoutObject], prompt_len: int, selector,
                  mode: str = "backward", strength: float = 30.0, iterations: int = 5, threshold: float = 0.2,
                  guided_fraction: float = 0.2, forward_strength: float = 0.5, weights: str = "reference",
-                 cells: str = "reference", forward_selector: LayerSelector | None = None):
+                 cells: str = "reference", forward_selector=None):
         if not objects:
             raise AttentionControlError("boxes: give at least one box")
         if mode not in ("backward", "forward", "both"):
@@ -280,6 +308,13 @@ class LayoutController(Controller):
         self.cells = cells
         self.backward_on = mode in ("backward", "both") and self.strength > 0 and self.iterations > 0
         self.forward_on = mode in ("forward", "both") and self.forward_strength > 0
+
+
+class LayoutController(LayoutConfig, Controller):
+    """Backward (gradient) and forward (attention-bias) layout guidance."""
+    name = "layout guidance"
+    kinds = frozenset({"cross"})
+    wraps_guider = True
 
     # -- layer choice: backward guidance on `selector`, forward guidance on `forward_selector`
     def _selectors(self):
@@ -388,34 +423,21 @@ class LayoutController(Controller):
         s_i = run.sigmas[step]
         s_next = run.sigmas[step + 1] if step + 1 < len(run.sigmas) else 0.0
         carry = s_next / (s_i - s_next) if s_i > s_next else 0.0
-        log = []
-        with torch.inference_mode(False), torch.enable_grad():
-            xk = x.detach().clone()
-            for _ in range(self.iterations):
-                xk.requires_grad_(True)
-                state = _PassState(self, d["keys"], last.key)
-                if self.weights == "copy":
+        def energy_at(xk):
+            state = _PassState(self, d["keys"], last.key)
+            if self.weights == "copy":
+                passes.cond_pass(xk, state)
+            else:
+                with WeightReferences():
                     passes.cond_pass(xk, state)
-                else:
-                    with WeightReferences():
-                        passes.cond_pass(xk, state)
-                if state.energy is None:
-                    raise AttentionControlError(
-                        "layout guidance: the guided layers were not reached in the guidance pass "
-                        "(the positive conditioning did not run at the full latent size)")
-                energy = state.energy / max(n_obj_layers, 1)                      # (B,)
-                active = (energy.detach() > self.threshold).to(energy.dtype)
-                log.append([float(e) for e in energy.detach()])
-                if not bool(active.any()):
-                    xk = xk.detach()
-                    break
-                grad, = torch.autograd.grad((self.strength * energy * active).sum(), [xk])
-                xk = (xk.detach() - (sig ** 2) * grad.detach()).detach()
-            xk = xk.detach()
+            if state.energy is None:
+                raise AttentionControlError(
+                    "layout guidance: the guided layers were not reached in the guidance pass "
+                    "(the positive conditioning did not run at the full latent size)")
+            return state.energy / max(n_obj_layers, 1)                             # (B,)
+
+        xk, log = descend(x, sig, self.iterations, self.strength, self.threshold, energy_at)
         d["energy_log"].append((step, log))
         if step + 1 >= d["n_guided"]:
             self._release_weights(d)
-        xk_inf = xk.clone()
-        shift = xk_inf - x
-        den = predict(xk_inf)
-        return den + carry * shift if carry else den
+        return guided_prediction(predict, x, xk, carry)

@@ -309,10 +309,11 @@ class GuidancePasses:
     """What a guiding controller may run inside one step: positive-only forwards of the model, CFG
     predictions with other positive conditioning, and the host's conditioning weights."""
 
-    def __init__(self, guider, timestep, model_options: dict):
+    def __init__(self, guider, timestep, model_options: dict, guide_key: str = GUIDE_KEY):
         self.guider = guider
         self.timestep = timestep
         self.model_options = model_options
+        self.guide_key = guide_key            # where the guidance state goes (the UNet or the DiT router's key)
 
     def cond_pass(self, x, state) -> None:
         """One forward of the positive conditioning at `x` (gradients as enabled by the caller);
@@ -321,7 +322,7 @@ class GuidancePasses:
         import comfy.samplers
         mo = dict(self.model_options)
         to = dict(mo.get("transformer_options", {}))
-        to[GUIDE_KEY] = state
+        to[self.guide_key] = state
         patches = to.get("patches")
         if patches:
             to["patches"] = _grad_safe_block_patches(patches)
