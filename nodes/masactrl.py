@@ -5,6 +5,8 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError
+from ..attention.dit_masactrl import DitMasaCtrlController
+from ..attention.dit_router import is_dit
 from ..attention.masactrl import MaskSpec, MasaCtrlController
 from ..attention.router import attach
 from ..attention.validate import check_mask
@@ -53,7 +55,9 @@ class MasaCtrl(io.ComfyNode):
                                        "sampler's step count). A count at or past the run's steps is an error."),
                 io.Int.Input("start_layer", default=-1, min=-1, max=200,
                              tooltip="First transformer block L (blocks counted over the whole UNet in forward "
-                                     "order). -1 = auto: SD1.x 10 (paper), SDXL 54."),
+                                     "order; on DiTs the main blocks in forward order, e.g. Flux double then "
+                                     "single). -1 = auto: SD1.x 10 (paper), SDXL 54, DiTs the blocks past 0.625 "
+                                     "of the depth."),
                 io.Combo.Input("mode", options=["mutual", "union"], default="mutual",
                                tooltip="mutual: targets attend to the source's keys/values; union: to the source's "
                                        "and their own."),
@@ -89,6 +93,17 @@ class MasaCtrl(io.ComfyNode):
             raise AttentionControlError("source_prompt: give the prompt of the source image")
         if not tgt_texts:
             raise AttentionControlError("target_prompts: give one target prompt per line")
+        if is_dit(model):
+            # DiTs: start_layer is a block index over the main blocks in forward order (-1: depth fraction
+            # 0.625, see attention/dit_masactrl.py); no mask guidance there yet
+            if source_mask is not None or target_mask is not None or mask_source_word.strip() or \
+                    mask_target_word.strip():
+                name = "mask_source_word" if mask_source_word.strip() or mask_target_word.strip() else "source_mask"
+                raise AttentionControlError(f"{name}: mask guidance is not available on DiT models; clear the mask "
+                                            "words and disconnect the masks")
+            ctrl = DitMasaCtrlController(start_step, None if start_layer < 0 else int(start_layer), mode)
+            m = attach(model, ctrl)
+            return io.NodeOutput(m, *edit_batch(clip, latent, [source_prompt] + tgt_texts, negative_prompt))
         mask = None
         if source_mask is not None or target_mask is not None:
             fix = "paint the subject (values > 0.5) or disconnect the mask"
