@@ -17,6 +17,11 @@ Under region prompts (stacked in either order) the maps are what the model atten
 region rule's mask (`DitCall.controller_allow`) is applied with the host's, and the words are looked
 up in the base prompt's part of the region conditioning's context.
 
+Lumina 2's two encode nodes (CLIPTextEncode, CLIPTextEncodeLumina2 with a system prompt before the
+prompt) give contexts of different lengths for the same prompt text: the controller takes the
+words' positions in each (`variants`, attention/dit_regions.py `PromptVariant`) and uses, per model
+call, those of the context length it sees; a positive that fits none is refused before sampling.
+
 Video (Wan, HunyuanVideo, frames > 1): one map per latent frame, published as frames x items rows
 (`AttentionMaps.frames`).
 
@@ -30,7 +35,7 @@ import torch.nn.functional as F
 
 from .capture import AttentionMaps, WordSpec, check_capture_config
 from .core import AttentionControlError, Run
-from .dit_regions import DIT_REGION_KEY, DitRegionTag, context_starts
+from .dit_regions import DIT_REGION_KEY, DitRegionTag, check_prompt_length, context_starts, variant_of
 from .dit_router import DitCall, DitController, host_mask
 from .maps import MapAccumulator, token_columns
 
@@ -105,7 +110,7 @@ class DitCaptureController(DitController):
 
     def __init__(self, words: list[WordSpec], prompt_len: int, handle: AttentionMaps, selector,
                  start: float = 0.0, end: float = 1.0, keep_steps: bool = False, chunk_budget: int = CHUNK_BUDGET,
-                 cond_len: int | None = None):
+                 cond_len: int | None = None, variants=()):
         check_capture_config(words, start, end)
         self.words = words
         self.prompt_len = int(prompt_len)
@@ -117,6 +122,8 @@ class DitCaptureController(DitController):
         # rows of the CONDITIONING the prompt encodes to, where the model pads it further itself
         # (Flux.2 left-pads to 512 rows in extra_conds): the check before sampling uses these
         self.cond_len = int(cond_len or prompt_len)
+        # other encodings of the prompt (PromptVariant: Lumina 2's system prompts), picked by context length
+        self.variants = tuple(v for v in variants if len(v.positions) == len(self.words))
 
     def begin_run(self, run: Run) -> None:
         require = getattr(run.router, "require_word_positions", None)
@@ -137,11 +144,10 @@ class DitCaptureController(DitController):
                             f"{tag.lengths[0]}; connect the base prompt text to the capture node")
                     region_total = sum(tag.lengths)
                     continue
-                if ca is not None and ca.ndim == 3 and ca.shape[1] % self.cond_len != 0:
-                    raise AttentionControlError(
-                        f"prompt: the capture node's prompt has {self.cond_len} context tokens but the {name} "
-                        f"conditioning has {ca.shape[1]}; connect the same prompt text to the capture node and to "
-                        "the text encoder that feeds the sampler")
+                if ca is not None and ca.ndim == 3:
+                    check_prompt_length("the capture node", self.cond_len, self.variants, ca.shape[1],
+                                        "connect the same prompt text to the capture node and to the text encoder "
+                                        "that feeds the sampler", name)
         d = run.data(self)
         d["acc"] = None
         d["fired"] = {}
@@ -161,6 +167,9 @@ class DitCaptureController(DitController):
                     f"{total}; connect the Region Conditioning output to the sampler directly")
             pad = self.prompt_len - self.cond_len          # Flux.2: positions count the model's left padding
             return [call.key_columns([s + p - pad for s in starts for p in w.positions]) for w in self.words]
+        variant = variant_of(self.variants, self.prompt_len, ctx)
+        if variant is not None:             # the positive came from another encoding of the prompt
+            return [call.key_columns(list(p)) for p in variant.positions]
         try:
             return [call.key_columns(token_columns(w.positions, self.prompt_len, ctx)) for w in self.words]
         except ValueError as e:

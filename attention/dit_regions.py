@@ -63,7 +63,7 @@ from .validate import check_finite, check_range
 
 __all__ = ["DIT_REGION_KEY", "DitRegionTag", "DitRegionController", "DitPaintController", "IMAGE_ATTENTION",
            "region_token_masks", "allowed_block", "query_groups", "biased_attention", "grouped_attention",
-           "host_additive", "context_starts", "MAX_REGIONS"]
+           "host_additive", "context_starts", "MAX_REGIONS", "PromptVariant", "variant_of", "check_prompt_length"]
 
 # key of the region conditioning entry (a DitRegionTag)
 DIT_REGION_KEY = "attention_control_dit_regions"
@@ -408,6 +408,39 @@ def context_starts(family: str, context_len: int, own_len: int) -> list[int] | N
     return None
 
 
+@dataclass(frozen=True)
+class PromptVariant:
+    """Another encoding of a controller's prompt that the sampler's conditioning may come from:
+    Lumina 2's CLIPTextEncodeLumina2 puts a system prompt and "<Prompt Start>" before the prompt
+    (nodes/dit_tokens.py `prompt_variants`). `length`: its context tokens; `positions`: each word's
+    (phrase's) context positions in it, in the controller's order."""
+    label: str
+    length: int
+    positions: tuple
+
+
+def variant_of(variants, own_len: int, context_len: int):
+    """The variant a model call's context of `context_len` tokens comes from, or None for the
+    controller's own encoding (`own_len` tokens, repeated or padded as `context_starts` says): an
+    exact length match decides, the own encoding first."""
+    if context_len == own_len:
+        return None
+    return next((v for v in variants if v.length == context_len), None)
+
+
+def check_prompt_length(what: str, own_len: int, variants, length: int, fix: str, name: str = "positive") -> None:
+    """A conditioning of `length` context tokens must hold `what`'s prompt (its own encoding of
+    `own_len` tokens, possibly repeated, or one of its `variants`): else the named error, ending
+    with `fix` (and the variants' encoders, where there are any)."""
+    if length % own_len == 0 or any(v.length == length for v in variants):
+        return
+    others = "".join(f", {v.length} as {v.label}" for v in variants)
+    if variants:
+        fix += " (CLIPTextEncode, or " + " / ".join(v.label for v in variants) + ")"
+    raise AttentionControlError(
+        f"prompt: {what}'s prompt has {own_len} context tokens{others}, but the {name} conditioning has {length}; {fix}")
+
+
 def _in_window(run: Run, step: int, start: float, end: float, first_step: bool = False) -> bool:
     """Whether a step is in [start, end) of the run's steps; `first_step`: step 0 is in even at end 0
     (the UNet paint-with-words window)."""
@@ -716,10 +749,12 @@ class DitPaintController(DitController):
 
     def __init__(self, phrases: list[PaintedPhrase], prompt_len: int, weight: float = 0.1, mode: str = "ediff-i",
                  s_pos: float = 1.0, s_neg: float = 1.0, selector=None, start: float = 0.0, end: float = 1.0,
-                 mask_budget: int = MASK_BUDGET, chunk_budget: int = CHUNK_BUDGET):
+                 mask_budget: int = MASK_BUDGET, chunk_budget: int = CHUNK_BUDGET, variants=()):
         check_paint_config(phrases, mode, start, end, weight, s_pos, s_neg)
         self.phrases = list(phrases)
         self.prompt_len = int(prompt_len)
+        # other encodings of the prompt (PromptVariant: Lumina 2's system prompts), picked by context length
+        self.variants = tuple(v for v in variants if len(v.positions) == len(self.phrases))
         self.weight = float(weight)
         self.mode = mode
         self.s_pos, self.s_neg = float(s_pos), float(s_neg)
@@ -737,11 +772,9 @@ class DitPaintController(DitController):
     def begin_run(self, run: Run) -> None:
         for c in (run.conds or {}).get("positive", []) or []:
             ca = c.get("cross_attn") if isinstance(c, dict) else None
-            if torch.is_tensor(ca) and ca.ndim == 3 and ca.shape[1] % self.prompt_len != 0:
-                raise AttentionControlError(
-                    f"prompt: the paint-with-words node's prompt has {self.prompt_len} context tokens but the positive "
-                    f"conditioning has {ca.shape[1]}; use the node's conditioning output, or encode the same prompt "
-                    "text")
+            if torch.is_tensor(ca) and ca.ndim == 3:
+                check_prompt_length("the paint-with-words node", self.prompt_len, self.variants, ca.shape[1],
+                                    "use the node's conditioning output, or encode the same prompt text")
         d = run.data(self)
         d["cols"] = {}
         d["maps"] = {}
@@ -775,14 +808,16 @@ class DitPaintController(DitController):
         if got is None:
             f, gh, gw = grid
             cols, wmap, cmask, cstr = [], {}, {}, {}
-            starts = context_starts(call.site.family, g.context_len, self.prompt_len)
+            variant = variant_of(self.variants, self.prompt_len, g.context_len)
+            starts = [0] if variant is not None else context_starts(call.site.family, g.context_len, self.prompt_len)
             if starts is None:
                 raise AttentionControlError(
                     f"prompt: the conditioning has {g.context_len} tokens, which cannot hold the paint-with-words "
                     f"prompt's {self.prompt_len}; connect the node's positive output to the sampler, or encode the "
                     "same prompt text")
-            for p in self.phrases:
-                pc = call.key_columns([a + int(pos) for a in starts for pos in p.positions])
+            for i, p in enumerate(self.phrases):
+                where = p.positions if variant is None else variant.positions[i]
+                pc = call.key_columns([a + int(pos) for a in starts for pos in where])
                 m = mask_at(p.mask.float(), gh, gw).repeat(f)                 # frames share the mask
                 for c in pc:
                     if c not in wmap:

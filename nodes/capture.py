@@ -10,7 +10,7 @@ from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.dit_capture import DitCaptureController
 from ..attention.dit_layers import DitLayerSelector, check_layer_text
 from ..attention.dit_router import is_dit
-from .dit_tokens import dit_context, is_dit_clip
+from .dit_tokens import dit_context, is_dit_clip, prompt_variants
 from ..attention.router import attach
 from ..attention.tokens import parse_word_list
 from .common import CATEGORY, check_widgets, resolve_words, validation_result
@@ -67,7 +67,8 @@ class CaptureAttention(io.ComfyNode):
         if is_dit(model):
             cond_len = dit_context(clip, prompt).cond_length if is_dit_clip(clip) else prompt_len
             ctrl = DitCaptureController(specs, prompt_len, handle, DitLayerSelector.parse(layers),
-                                        start_percent, end_percent, keep_per_step, cond_len=cond_len)
+                                        start_percent, end_percent, keep_per_step, cond_len=cond_len,
+                                        variants=prompt_variants(clip, prompt, words))
         else:
             ctrl = CaptureController(specs, prompt_len, handle, LayerSelector.parse(layers),
                                      start_percent, end_percent, keep_per_step)

@@ -14,7 +14,7 @@ What the context is, per family (N: the tokenizer's token count for the prompt)
 | SD3 | `sd3_clip.SD3Tokenizer` | CLIP part (CLIP-L and CLIP-G features side by side, padded to 4096: one row per CLIP token, BOS/EOS/padding included, 77 per chunk) then the T5-XXL part (prompt, `</s>`, pads up to 77) along the token axis | 77k + max(77, N_t5) |
 | Wan 2.1 | `wan.WanT5Tokenizer` | UMT5-XXL tokens: prompt, `</s>`, `<pad>` up to 512 (padding rows are zeroed) | max(512, N) |
 | Qwen-Image | `qwen_image.QwenImageTokenizer` | Qwen2.5-VL over the chat template; the encoder drops the template's first 34 tokens (system turn and `<\|im_start\|>user\n`) and keeps the prompt plus `<\|im_end\|>\n<\|im_start\|>assistant\n` | N - 34 |
-| Lumina 2 | `lumina2.LuminaTokenizer` | Gemma 2 2B tokens: `<bos>`, prompt; no padding. CLIPTextEncodeLumina2 puts `"<system prompt> <Prompt Start> "` before the prompt (pass it as `prefix`); plain CLIPTextEncode adds nothing | N |
+| Lumina 2 | `lumina2.LuminaTokenizer` | Gemma 2 2B tokens: `<bos>`, prompt; no padding. plain CLIPTextEncode adds nothing; CLIPTextEncodeLumina2 puts `"<system prompt> <Prompt Start> "` before the prompt: one `prompt_variants` entry per system prompt | N (variants: N + the prefix's tokens) |
 | Z-Image | `z_image.ZImageTokenizer` | Qwen3 4B over `<\|im_start\|>user\n{prompt}<\|im_end\|>\n<\|im_start\|>assistant\n`, all of it kept | N (checkpoints with `cap_pad_token`: NextDiT appends learned pad rows inside the model up to a multiple of 32; positions unchanged) |
 | HunyuanVideo | `hunyuan_video.HunyuanVideoTokenizer` | Llama 3 over its chat template (`<\|begin_of_text\|>`, a system turn, `<\|start_header_id\|>user<\|end_header_id\|>\n\n{prompt}<\|eot_id\|>`); the encoder keeps the user turn from after `\n\n` to `<\|eot_id\|>` included (CLIP-L gives only the pooled vector); no padding | N - 95 |
 | HunyuanVideo 1.5 | `hunyuan_video.HunyuanVideo15Tokenizer` | Qwen2.5-VL over its chat template, cut as Qwen-Image's: the prompt plus `<\|im_end\|>\n<\|im_start\|>assistant\n` | N - 98 |
@@ -43,6 +43,15 @@ be read as it is: transformers 5's LlamaTokenizerFast rebuilds it with a Metaspa
 that drops spaces ("a red" -> one token "ared"), and the words are then searched in what that
 tokenizer produced, which is what the model gets.
 
+Lumina 2's two encode nodes. The words are resolved in the plain context (CLIPTextEncode) and, by
+`prompt_variants`, in the context of each system prompt that ComfyUI's CLIPTextEncodeLumina2 offers
+(its SYSTEM_PROMPT table, read from the node; each resolved on its own, since the tokens at the
+prefix's end can differ from the plain prompt's first ones). The capture and paint-with-words
+controllers take these variants and pick, per model call, the one whose length the context has
+(the plain encoding first, by exact length; attention/dit_regions.py `variant_of`); a positive of
+a length that fits none is refused before sampling with the lengths of all of them. `#i` positions
+are taken as given in every variant.
+
 Not handled, with a named error: HiDream (four encoders feeding different blocks), Omnigen2, Cosmos,
 Mochi, LTXV, AuraFlow and the other ComfyUI text encoders listed in UNSUPPORTED. Positions are those of the text-only encode (CLIPTextEncode):
 image-edit encodes (TextEncodeQwenImageEdit and the like) put image tokens into the context and
@@ -58,6 +67,7 @@ from dataclasses import dataclass, field
 
 from ..attention.capture import WordSpec
 from ..attention.core import AttentionControlError, UnsupportedModelError
+from ..attention.dit_regions import PromptVariant
 from ..attention.tokens import PromptTokens, TokenError, parse_index_spec, parse_word_list
 
 # tokenizer class (ComfyUI 0.3.75, comfy.text_encoders) -> family; the most derived known class wins
@@ -475,3 +485,39 @@ def resolve_dit_words(clip, prompt: str, words: str, input_name: str = "words", 
                 f"Fix the word, or give context positions instead (#i or #i+j, 0..{ctx.length - 1}).")
         specs.append(WordSpec(w, pos))
     return specs, ctx.length
+
+
+def lumina2_prefixes() -> dict[str, str]:
+    """CLIPTextEncodeLumina2's text before the user's prompt, per system_prompt choice
+    (`f"{system prompt} <Prompt Start> {user_prompt}"`), read from ComfyUI's node; {} where the node
+    is absent."""
+    try:
+        from comfy_extras.nodes_lumina2 import CLIPTextEncodeLumina2
+    except ImportError:
+        return {}
+    return {k: f"{v} <Prompt Start> " for k, v in getattr(CLIPTextEncodeLumina2, "SYSTEM_PROMPT", {}).items()}
+
+
+def prompt_variants(clip, prompt: str, *words: str) -> tuple:
+    """The other encodings of `prompt` that a sampler's positive may come from, with the positions of
+    `words` (each a comma-separated list as `resolve_dit_words` takes it; their specs concatenated,
+    in order) in each: Lumina 2, one per system prompt of CLIPTextEncodeLumina2 (PromptVariant,
+    label `CLIPTextEncodeLumina2 (system_prompt 'superior')`); () for the other text encoders. The
+    controllers pick the variant whose length the conditioning has (attention/dit_regions.py
+    `variant_of`). A variant in which a word is not found is left out (its error is raised where
+    that variant's conditioning meets the controller, as a length mismatch)."""
+    tk = getattr(clip, "tokenizer", None)
+    if tk is None or classify(tk) != ("dit", "Lumina 2"):
+        return ()
+    out = []
+    for key, prefix in lumina2_prefixes().items():
+        pos, n = [], None
+        try:
+            for w in words:
+                specs, n = resolve_dit_words(clip, prompt, w, prefix=prefix)
+                pos += [tuple(s.positions) for s in specs]
+        except AttentionControlError:
+            continue
+        if n is not None:
+            out.append(PromptVariant(f"CLIPTextEncodeLumina2 (system_prompt '{key}')", n, tuple(pos)))
+    return tuple(out)

@@ -16,6 +16,7 @@ from ..attention.router import attach
 from ..attention.tokens import parse_word_list
 from ..attention.validate import check_mask
 from .common import CATEGORY, check_widgets, resolve_words, validation_result
+from .dit_tokens import prompt_variants
 from .layout import BoxesType
 from .p2p import _float, _parse_pairs
 
@@ -103,8 +104,10 @@ class PaintWithWords(io.ComfyNode):
         phrases = [PaintedPhrase(p, list(s.positions), mk, strength.get(p, 1.0))
                    for (p, mk), s in zip(regions, specs)]
         if is_dit(model):
+            variants = prompt_variants(clip, prompt, *(",".join(p.replace(",", " ") for p, _ in group)
+                                                       for group in (box_regions, mask_regions) if group))
             ctrl = DitPaintController(phrases, prompt_len, weight, mode, collage_positive, collage_negative,
-                                      DitLayerSelector.parse(layers), 0.0, end_percent)
+                                      DitLayerSelector.parse(layers), 0.0, end_percent, variants=variants)
         else:
             ctrl = PaintWithWordsController(phrases, prompt_len, weight, mode, collage_positive, collage_negative,
                                             LayerSelector.parse(layers), 0.0, end_percent)

@@ -471,3 +471,117 @@ def test_positions_index_the_rows_comfyui_encodes(clips, monkeypatch, family, ke
             mine = [p for p in spec.positions if part.offset <= p < part.offset + part.length]
             text = decode(clip, key, [rows[p] for p in mine])
             assert text.split() == spec.label.split() * (2 if spec.label == "a" else 1), (family, spec, text)
+
+
+# --- Lumina 2: the words in CLIPTextEncode's and CLIPTextEncodeLumina2's conditioning ---------------
+
+LUMINA_WORDS = "red, blue square"
+
+
+def lumina_encodes(clip, monkeypatch, prompt):
+    """Context rows (token ids, see `_id_rows_forward`) of the conditioning ComfyUI's own nodes give:
+    CLIPTextEncode, and CLIPTextEncodeLumina2 with each of its system prompts. The weights are on
+    the meta device: `load_model` (moving them to the load device) is skipped."""
+    import comfy_extras.nodes_lumina2 as L
+    import nodes as comfy_nodes                         # ComfyUI's nodes.py
+    monkeypatch.setattr(comfy.sd1_clip.SDClipModel, "forward", _id_rows_forward)
+    monkeypatch.setattr(clip, "load_model", lambda: clip.patcher)
+    out = {"CLIPTextEncode": comfy_nodes.CLIPTextEncode().encode(clip, prompt)[0]}
+    for key in L.CLIPTextEncodeLumina2.SYSTEM_PROMPT:
+        out[f"CLIPTextEncodeLumina2 (system_prompt '{key}')"] = L.CLIPTextEncodeLumina2.execute(clip, prompt,
+                                                                                                key).result[0]
+    return {k: c[0][0][0, :, 0].long().tolist() for k, c in out.items()}
+
+
+def test_lumina2_words_in_both_encode_nodes(clips, monkeypatch):
+    from attention_control.nodes.dit_tokens import prompt_variants
+    clip = clips("Lumina 2")
+    rows = lumina_encodes(clip, monkeypatch, PROMPT)
+    specs, n = resolve_dit_words(clip, PROMPT, LUMINA_WORDS)
+    variants = prompt_variants(clip, PROMPT, LUMINA_WORDS, "a")        # two word lists: specs concatenated
+    assert [v.label for v in variants] == list(rows)[1:]              # one per system prompt, the node's order
+    got = {"CLIPTextEncode": (n, [s.positions for s in specs] + [positions(clip, "a")[0][0]])}
+    got.update({v.label: (v.length, [list(p) for p in v.positions]) for v in variants})
+    for label, r in rows.items():
+        length, pos = got[label]
+        assert len(r) == length, label
+        for w, p in zip(("red", "blue square", "a a"), pos):
+            assert decode(clip, "gemma2_2b", [r[i] for i in p]).split() == w.split(), (label, w)
+    assert len({length for length, _ in got.values()}) == 3           # the length tells the encode node apart
+    # the plain context: <bos> a ▁red ▁circle ▁and ▁a ▁blue ▁square; a system prompt's: its tokens first
+    assert got["CLIPTextEncode"][1][:2] == [[2], [6, 7]]
+    sup = got["CLIPTextEncodeLumina2 (system_prompt 'superior')"]
+    assert sup[1][:2] == [[sup[0] - 6], [sup[0] - 2, sup[0] - 1]]
+    # other tokenizers have no variants
+    assert prompt_variants(clips("Flux"), PROMPT, LUMINA_WORDS) == ()
+
+
+def _lumina_run(ctrl_factory, pos_len, neg_len, keep=None):
+    from ac_dit import sample, tiny
+    from attention_control.attention.router import attach
+    t = tiny("Lumina 2")
+    g = torch.Generator().manual_seed(8)
+    latent = torch.zeros_like(t.x)
+    noise = torch.randn(latent.shape, generator=g)
+    pos = [[torch.randn(1, pos_len, 32, generator=g), {}]]
+    neg = [[torch.randn(1, neg_len, 32, generator=g), {}]]
+    m = attach(t.patcher, ctrl_factory())
+    if keep is not None:
+        m = attach(attach(t.patcher, keep), ctrl_factory())
+    return sample(m, noise, pos, neg, latent, steps=2), sample(t.patcher, noise, pos, neg, latent, steps=2)
+
+
+def test_capture_on_lumina2_takes_the_words_of_the_encode_node_used(clips):
+    """The capture node's prompt is the plain text; the sampler's positive comes from CLIPTextEncode or
+    CLIPTextEncodeLumina2 (its length picks the variant): the maps are those of the words' columns in
+    that context (the naive float64 joint softmax), and another length is refused by name."""
+    from test_dit_capture import Keep, naive_maps
+    from attention_control.attention.capture import AttentionMaps, WordSpec
+    from attention_control.attention.dit_capture import DitCaptureController
+    from attention_control.attention.dit_layers import DitLayerSelector
+    from attention_control.nodes.dit_tokens import prompt_variants
+    clip = clips("Lumina 2")
+    specs, n = resolve_dit_words(clip, PROMPT, LUMINA_WORDS)
+    variants = prompt_variants(clip, PROMPT, LUMINA_WORDS)
+    cases = [(n, [s.positions for s in specs])] + [(v.length, [list(p) for p in v.positions]) for v in variants]
+    for length, want_pos in cases:
+        keep, handle = Keep(), AttentionMaps([s.label for s in specs])
+        out, ref = _lumina_run(lambda: DitCaptureController(specs, n, handle, DitLayerSelector.parse("all"),
+                                                            cond_len=n, variants=variants), length, n, keep)
+        assert torch.equal(out, ref)
+        calls = [c for c in keep.calls if c["rows"]]
+        assert calls
+        want = naive_maps(calls, [WordSpec(s.label, p) for s, p in zip(specs, want_pos)], 1)
+        torch.testing.assert_close(handle.maps.double(), want, rtol=1e-4, atol=1e-6)
+    with pytest.raises(AttentionControlError, match=r"prompt: the capture node's prompt has 8 context tokens, \d+ as "
+                                                    r"CLIPTextEncodeLumina2 \(system_prompt 'superior'\).*but the "
+                                                    r"positive conditioning has 9; .*\(CLIPTextEncode, or "
+                                                    r"CLIPTextEncodeLumina2"):
+        _lumina_run(lambda: DitCaptureController(specs, n, AttentionMaps(["red", "blue square"]),
+                                                 DitLayerSelector.parse("all"), cond_len=n, variants=variants), n + 1, n)
+
+
+def test_paint_on_lumina2_takes_the_words_of_the_encode_node_used(clips):
+    """Paint-with-words given the plain prompt and the variants equals, bit for bit, paint given the
+    positions and length of the system-prompt context the positive has; without variants it is refused."""
+    from attention_control.attention.dit_layers import DitLayerSelector
+    from attention_control.attention.dit_regions import DitPaintController
+    from attention_control.attention.regions import PaintedPhrase
+    from attention_control.nodes.dit_tokens import prompt_variants
+    clip = clips("Lumina 2")
+    specs, n = resolve_dit_words(clip, PROMPT, LUMINA_WORDS)
+    variants = prompt_variants(clip, PROMPT, LUMINA_WORDS)
+    mask = torch.zeros(64, 64)
+    mask[:32, :32] = 1.0
+
+    def paint(pos, length, var=()):
+        phrases = [PaintedPhrase(s.label, list(p), mask, 1.0) for s, p in zip(specs, pos)]
+        return lambda: DitPaintController(phrases, length, weight=2.0, selector=DitLayerSelector.parse("all"),
+                                          variants=var)
+    v = variants[0]
+    got, ref = _lumina_run(paint([s.positions for s in specs], n, variants), v.length, n)
+    direct, _ = _lumina_run(paint(v.positions, v.length), v.length, n)
+    assert not torch.equal(got, ref) and torch.equal(got, direct)
+    with pytest.raises(AttentionControlError, match="prompt: the paint-with-words node's prompt has 8 context tokens, "
+                                                    "but the positive conditioning has"):
+        _lumina_run(paint([s.positions for s in specs], n), v.length, n)
