@@ -192,6 +192,24 @@ def test_union_mode_equals_naive(family):
     assert torch.equal(out[0], ref[0]) and not torch.equal(out[1:], ref[1:])
 
 
+@pytest.mark.parametrize("mode", ["mutual", "union"])
+def test_host_mask_is_carried(mode):
+    """Flux with an `attention_mask` (an additive bias per item, as StyleModelApply's): the target's image
+    key columns take the source row's mask entries (union: appended), the naive formula applies the same."""
+    pos, neg, latent, noise = edit("Flux")
+    g = torch.Generator().manual_seed(4)
+    n = TXT + 64
+    for c in (pos, neg):
+        c[0][1]["attention_mask"] = -2.0 * torch.rand(2, n, n, generator=g)
+        c[0][1]["attention_mask_img_shape"] = (8, 8)
+    rec = Rec(start_step=0, start_block=0, mode=mode)
+    out, _ = run(attach(tiny("Flux").patcher, rec), pos, neg, latent, noise, steps=1)
+    ref, _ = run(tiny("Flux").patcher, pos, neg, latent, noise, steps=1)
+    assert all(c["mask"] is not None and c["mask"].shape[0] == c["q"].shape[0] for c in rec.log)
+    check_calls(rec, union=mode == "union")
+    assert torch.equal(out[0], ref[0]) and not torch.equal(out[1], ref[1])
+
+
 @pytest.mark.parametrize("family,start", [("Flux", 2), ("SD3", 1), ("Wan", 1), ("Qwen-Image", 1)])
 def test_blocks_below_the_start_block_are_untouched(family, start):
     """start_step 0, start block k: at step 0 the inputs (q) of every block up to k equal plain
