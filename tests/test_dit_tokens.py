@@ -585,3 +585,43 @@ def test_paint_on_lumina2_takes_the_words_of_the_encode_node_used(clips):
     with pytest.raises(AttentionControlError, match="prompt: the paint-with-words node's prompt has 8 context tokens, "
                                                     "but the positive conditioning has"):
         _lumina_run(paint([s.positions for s in specs], n), v.length, n)
+
+
+@pytest.mark.parametrize("family", ["HunyuanVideo", "HunyuanVideo 1.5", "HunyuanImage 2.1"])
+def test_hunyuan_positions_are_the_key_columns_of_the_joint_calls(clips, family):
+    """On the tiny HunyuanVideo-class models (image tokens first, then the refined context, one row
+    per c_crossattn row): a context of the resolver's length gives joint calls whose text keys are
+    exactly that long, and a word's key columns are n_image + its context positions."""
+    from ac_dit import forward, inputs, tiny
+    from test_dit_capture import Keep
+    from attention_control.attention.router import attach
+    clip = clips(family)
+    specs, n = resolve_dit_words(clip, PROMPT, "red, blue square")
+    t = tiny(family)
+    x, conds = inputs(family, torch.Generator().manual_seed(2))
+    conds = dict(conds, c_crossattn=torch.randn(1, n, 32, generator=torch.Generator().manual_seed(3)))
+    keep = Keep()
+    forward(attach(t.patcher, keep), x, conds)
+    joint = [c for c in keep.calls if c["qi"] is not None]
+    assert joint
+    n_image = joint[0]["qi"].stop - joint[0]["qi"].start
+    for c in joint:
+        assert c["k"].shape[2] == n_image + n and c["qi"] == slice(0, n_image)
+        assert [c["cols"](s.positions) for s in specs] == [[n_image + p for p in s.positions] for s in specs]
+
+
+def test_capture_node_on_lumina2_with_the_lumina2_encode_node(clips):
+    """The capture node given the plain prompt, sampled with a positive of the length
+    CLIPTextEncodeLumina2 ('alignment') gives: it runs and publishes one map per word."""
+    from attention_control.nodes.capture import CaptureAttention
+    from attention_control.nodes.dit_tokens import prompt_variants
+    from ac_dit import sample, tiny
+    clip = clips("Lumina 2")
+    t = tiny("Lumina 2")
+    model, handle = CaptureAttention.execute(t.patcher, clip, PROMPT, LUMINA_WORDS, "all", 0.0, 1.0, False).result
+    length = [v for v in prompt_variants(clip, PROMPT, LUMINA_WORDS) if "alignment" in v.label][0].length
+    g = torch.Generator().manual_seed(4)
+    latent = torch.zeros_like(t.x)
+    pos, neg = [[torch.randn(1, length, 32, generator=g), {}]], [[torch.randn(1, 8, 32, generator=g), {}]]
+    sample(model, torch.randn(latent.shape, generator=g), pos, neg, latent, steps=2)
+    assert handle.maps.shape[:2] == (1, 2) and torch.isfinite(handle.maps).all() and handle.maps.sum() > 0
