@@ -29,16 +29,27 @@ and the Euler step is
 level, as in the plain inversion). gamma_k = 0 is the plain step, bit for bit (the term is skipped).
 Limiting case gamma = 1 on every step: y1 - x_{k+1} = (y1 - x_k)(1 - s_{k+1}) / (1 - s_k), which
 telescopes to y1 - x_N = (y1 - x_0)(1 - s_N) / (1 - s_0) = 0 at s_N = 1: the inversion lands on y1
-whatever the model. The paper applies gamma on every forward step (its Flux experiments: gamma 0.5);
-the controlled reverse ODE (eta toward y0 over the first steps of sampling) is not implemented here.
+whatever the model. The paper applies gamma on every forward step (its Flux experiments: gamma 0.5).
+
+The controlled reverse ODE (the edit's sampling, paper time t = 1 - sigma from the noise to the image):
+the model's field is pulled toward the reference image y0 by eta, with the conditional field
+v_t(X_t | y0) = (y0 - X_t) / (1 - t) = (y0 - x) / sigma. In ComfyUI's sigma form, where the sampler
+steps with v = (x - D) / sigma, the controlled field v + eta * ((x - y0) / sigma - v) is exactly the
+velocity of the blended prediction
+    D' = D + eta * (y0 - D)
+so the reverse pass is a change of the denoised prediction (`controlled_denoised`; euler then takes the
+paper's Euler step, eta 1 lands on y0), applied on sampling steps [start, stop) only: the paper's
+eta_t = eta from its starting time s to its stopping time tau, 0 after (its Flux defaults: s = 0, tau
+about a quarter of the steps, eta 0.9 - 1), so the later steps follow the edit prompt freely.
 """
 from __future__ import annotations
 
 import torch
 
+from ..attention.core import AttentionControlError, Controller, Run
 from .inversion import Trajectory
 
-__all__ = ["Trajectory", "flow_inversion_sampler", "step_gammas"]
+__all__ = ["Trajectory", "flow_inversion_sampler", "step_gammas", "controlled_denoised", "RFGuidanceController"]
 
 
 def step_gammas(gamma: float, n_steps: int, start: int = 0, end: int | None = None) -> list[float]:
@@ -77,3 +88,47 @@ def flow_inversion_sampler(record: list, gammas: list[float] | None = None, y1: 
                 callback({"x": x, "i": i, "sigma": hi, "sigma_hat": hi, "denoised": den})
         return x
     return invert
+
+
+def controlled_denoised(den: torch.Tensor, y0: torch.Tensor, eta: float) -> torch.Tensor:
+    """RF-Inversion's controlled reverse field as a denoised prediction: D + eta (y0 - D)."""
+    return den + eta * (y0 - den)
+
+
+class RFGuidanceController(Controller):
+    """Whole model calls of sampling steps [start, stop): the prediction of every row (source and
+    targets) pulled toward the trajectory's image by eta (`controlled_denoised`); other steps pass."""
+    name = "RF-Inversion guidance"
+    kinds = frozenset()
+    wraps_model = True
+
+    def __init__(self, trajectory: Trajectory, eta: float, start: int = 0, stop: int | None = None):
+        self.trajectory = trajectory
+        self.eta = float(eta)
+        self.start = start
+        self.stop = stop
+
+    def validate_sites(self, sites) -> None:
+        pass
+
+    def wants(self, site) -> bool:
+        return False
+
+    def wants_at(self, site, latent_hw) -> bool:
+        return False
+
+    def begin_run(self, run: Run) -> None:
+        got = tuple(self.trajectory.latents[0].shape[-2:])
+        if got != tuple(run.latent_hw):
+            raise AttentionControlError(
+                f"trajectory: the inversion latent is {got} but the sampled latent is {tuple(run.latent_hw)}; "
+                f"sample the inverted latent")
+
+    def apply_model(self, apply, x, sigma, run: Run, cond_or_uncond, options=None):
+        out = apply(x)
+        step, _ = run.step_of(sigma)
+        stop = run.n_steps if self.stop is None else self.stop
+        if self.eta == 0.0 or not (self.start <= step < stop):
+            return out
+        y0 = self.trajectory.latents[0].to(device=out.device, dtype=out.dtype)
+        return controlled_denoised(out, y0[:1], self.eta)
