@@ -1,4 +1,5 @@
-"""Nodes: AttnCtl_DDIMInversion, AttnCtl_NullTextInversion, AttnCtl_FlowInversion, AttnCtl_ReplaySource."""
+"""Nodes: AttnCtl_DDIMInversion, AttnCtl_NullTextInversion, AttnCtl_FlowInversion, AttnCtl_RFInversionGuidance,
+AttnCtl_ReplaySource."""
 from __future__ import annotations
 
 import logging
@@ -13,6 +14,7 @@ from ..attention.router import attach
 from ..attention.inversion_glue import ddim_invert, null_text_invert
 from ..attention.flow_inversion_glue import flow_invert, is_flow, sampling_name
 from ..attention.validate import check_finite
+from ..samplers.flow_inversion import RFGuidanceController
 from .common import check_widgets, validation_result
 
 log = logging.getLogger("attention_control.inversion")
@@ -174,6 +176,48 @@ class FlowInversion(io.ComfyNode):
         return io.NodeOutput(out, traj, noise)
 
 
+class RFInversionGuidance(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_RFInversionGuidance",
+            display_name="RF-Inversion Guidance (reverse pass)",
+            category="attention_control/editing",
+            description="RF-Inversion's controlled reverse ODE (Rout et al. 2024): on sampling steps [start_step, "
+                        "stop_step) every prediction is pulled toward the inverted image by eta, so an edit sampled "
+                        "from Flow Inversion's noise keeps the image's structure while the later steps follow the "
+                        "edit prompt. Sample with euler, the inversion's steps and scheduler.",
+            inputs=[
+                io.Model.Input("model", tooltip="A rectified-flow model (or an edit model built on one)."),
+                TrajectoryType.Input("trajectory", tooltip="The trajectory output of Flow Inversion (its image)."),
+                io.Float.Input("eta", default=0.9, min=0.0, max=1.0, step=0.05,
+                               tooltip="Controller guidance toward the image (paper, Flux: 0.9-1.0); 0: no effect; "
+                                       "1: the prediction is the image."),
+                io.Int.Input("start_step", default=0, min=0, max=1000, tooltip="First guided sampling step (paper: 0)."),
+                io.Int.Input("stop_step", default=7, min=0, max=1000,
+                             tooltip="Guidance stops before this sampling step (paper, Flux: about a quarter of the "
+                                     "steps, e.g. 7 of 28); later steps follow the prompt freely."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, eta=None, start_step=None, stop_step=None):
+        return validation_result(cls, locals())
+
+    @classmethod
+    def execute(cls, model, trajectory, eta, start_step, stop_step):
+        check_widgets(cls, locals())
+        if not is_flow(model):
+            raise AttentionControlError(
+                f"model: RF-Inversion guidance acts on a rectified-flow model, but this model predicts noise "
+                f"({sampling_name(model)}); use DDIM Inversion with Replay Source Trajectory")
+        if stop_step < start_step:
+            raise AttentionControlError(
+                f"stop_step: {stop_step} is before start_step {start_step}; give stop_step >= start_step")
+        return io.NodeOutput(attach(model, RFGuidanceController(trajectory, eta, start_step, stop_step)))
+
+
 class ReplaySource(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -195,4 +239,4 @@ class ReplaySource(io.ComfyNode):
         return io.NodeOutput(attach(model, ReplayController(trajectory)))
 
 
-NODES = [DDIMInversion, NullTextInversion, FlowInversion, ReplaySource]
+NODES = [DDIMInversion, NullTextInversion, FlowInversion, RFInversionGuidance, ReplaySource]
