@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-MODULES = ["bench.capture", "bench.p2p", "bench.layout", "bench.masactrl", "bench.tiled", "bench.regions", "bench.dit_capture", "bench.dit_tiled", "bench.dit_regions"]
+MODULES = ["bench.capture", "bench.p2p", "bench.layout", "bench.masactrl", "bench.tiled", "bench.regions", "bench.dit_capture", "bench.dit_tiled", "bench.dit_regions", "bench.flow_inversion"]
 
 
 def main() -> int:
