@@ -286,6 +286,31 @@ def test_named_errors_before_sampling():
         DitMasaCtrlController(2.5, 0)
 
 
+def test_stands_aside_where_the_sequence_has_other_tokens(caplog):
+    """Calls whose sequence is more than the text and image tokens (here Kontext-style reference-latent
+    tokens, let through by skipping the pre-sampling refusal) are left to the host, logged once per block."""
+
+    class NoRefusal(Rec):
+        def begin_run(self, run):
+            conds, run.conds = run.conds, {}
+            try:
+                super().begin_run(run)
+            finally:
+                run.conds = conds
+
+    pos, neg, latent, noise = edit("Flux")
+    pos = [[pos[0][0], dict(pos[0][1], reference_latents=[torch.randn(1, 16, 8, 8)])]]
+    rec = NoRefusal(start_step=0, start_block=0)
+    with caplog.at_level("WARNING", logger="attention_control"):
+        out, _ = run(attach(tiny("Flux").patcher, rec), pos, neg, latent, noise, steps=1)
+    ref, _ = run(tiny("Flux").patcher, pos, neg, latent, noise, steps=1)
+    # the uncond calls (no refs) acted, on rows equal in source and target (shared negative and noise)
+    assert torch.equal(out, ref)
+    assert [c for c in rec.log if c["q"].shape[2] == TXT + 64]
+    assert not [c for c in rec.log if c["q"].shape[2] > TXT + 64]
+    assert any("MasaCtrl skips Flux" in r.getMessage() for r in caplog.records)
+
+
 def test_no_leak():
     """The input model stays unpatched; a run leaves no per-run state on the controller or the router;
     two runs give the same samples."""
