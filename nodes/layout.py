@@ -5,9 +5,13 @@ from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError, LayerSelector
 from ..attention.layout import BOX_CELLS, DEFAULT_LAYERS, FORWARD_DEFAULT_LAYERS, LayoutController, LayoutObject, boxes_to_masks, parse_boxes
+from ..attention.dit_layers import DitLayerSelector, check_layer_text
+from ..attention.dit_layout import DEFAULT_DIT_LAYERS, DitLayoutController
+from ..attention.dit_router import is_dit
 from ..attention.router import attach
 from ..attention.tokens import flatten_chunks
 from .common import CATEGORY, check_widgets, chunks_of, resolve_words, sd_tokenizer, validation_result
+from .dit_tokens import dit_context, is_dit_clip
 
 BoxesType = io.Custom("BOXES")
 
@@ -87,7 +91,23 @@ def check_layout_widgets(values: dict) -> None:
         raise AttentionControlError("prompt: give the positive prompt that contains the boxes' phrases")
     layers = values.get("layers")
     if layers is not None and layers.strip().lower() not in ("", "auto"):
-        LayerSelector.parse(layers)
+        check_layer_text(layers)
+
+
+def _dit_layout(model, clip, prompt, boxes, specs, prompt_len, mode, strength, iterations, energy_threshold,
+                guided_steps, forward_strength, layers, special_tokens, box_cells):
+    """The DiT controller of the node (issue 18): the same settings; layers in the DiT syntax."""
+    if special_tokens != "none":
+        raise AttentionControlError(
+            "special_tokens: start / end tokens are guided on UNet models only (DiT text encoders have no "
+            "start token and pad after the end); set it to none")
+    auto = layers.strip().lower() in ("", "auto")
+    selector = DitLayerSelector.parse(DEFAULT_DIT_LAYERS if auto else layers, "layers")
+    cond_len = dit_context(clip, prompt).cond_length if is_dit_clip(clip) else prompt_len
+    objects = [LayoutObject(b, list(s.positions)) for b, s in zip(boxes, specs)]
+    return DitLayoutController(objects, prompt_len, selector, cond_len=cond_len, mode=mode, strength=strength,
+                               iterations=iterations, threshold=energy_threshold, guided_fraction=guided_steps,
+                               forward_strength=forward_strength, cells=box_cells, forward_selector=selector)
 
 
 def _special_positions(clip, prompt: str, which: str) -> list[int]:
@@ -138,7 +158,8 @@ class LayoutGuidance(io.ComfyNode):
                                         "(the paper: the middle block and the first up level with attention; SD1.x: "
                                         "8x8 + three 16x16 maps at 512 px; SDXL: the 32x32 middle and first up level "
                                         "at 1024 px) and forward guidance on every cross-attention layer ('all'). "
-                                        "Any other text applies to both."),
+                                        "Any other text applies to both. DiT models: auto = every block with text "
+                                        "keys; or blocks as 'double', 'single:0-9', '0.5-1.0' (fractions of depth)."),
                 io.Combo.Input("special_tokens", options=SPECIAL_TOKENS, default="none",
                                tooltip="Also guide the end token (or start and end tokens), which carry layout "
                                        "information; best with a single box."),
@@ -165,6 +186,11 @@ class LayoutGuidance(io.ComfyNode):
         phrases = ",".join(b.phrase.replace(",", " ") for b in boxes)
         # the phrases come from the boxes: a phrase missing from the prompt is the boxes' (or the prompt's) error
         specs, prompt_len = resolve_words(clip, prompt, phrases, input_name="boxes")
+        if is_dit(model):
+            ctrl = _dit_layout(model, clip, prompt, boxes, specs, prompt_len, mode, strength, iterations,
+                               energy_threshold, guided_steps, forward_strength, layers, special_tokens, box_cells)
+            positive = clip.encode_from_tokens_scheduled(clip.tokenize(prompt))
+            return io.NodeOutput(attach(model, ctrl), positive)
         extra = _special_positions(clip, prompt, special_tokens)
         objects = [LayoutObject(b, list(s.positions) + [p for p in extra if p not in s.positions])
                    for b, s in zip(boxes, specs)]

@@ -13,7 +13,7 @@ import torch
 from attention_control.attention.core import AttentionControlError, UnsupportedModelError
 from attention_control.attention.dit_layers import DitLayerSelector
 from attention_control.attention.dit_layout import DitLayoutController, phrase_probs
-from attention_control.attention.dit_router import DitController
+from attention_control.attention.dit_router import DitController, get_dit_router
 from attention_control.attention.layout import Box, LayoutObject, box_window
 from attention_control.attention.router import attach
 from ac_dit import CONFIGS, SAMPLE_CONDS, TXT, build, sample, tiny
@@ -253,3 +253,26 @@ def test_named_errors_before_sampling():
         _ctrl(weights="copy")
     with pytest.raises(UnsupportedModelError, match="HiDream"):
         attach(tiny("HiDream").patcher, _ctrl())
+
+
+def test_the_layout_node_on_a_dit():
+    from attention_control.nodes.layout import Boxes, LayoutGuidance
+    from test_dit_regions import TinyTextEncoder
+    t = tiny("Flux")
+    clip = TinyTextEncoder("Flux")
+    boxes = Boxes.execute("red circle: 0,0,0.5,0.5\nblue square: 0.5,0.5,1,1", "fraction", 512, 512).result[0]
+    prompt = "a red circle and a blue square"
+    assert LayoutGuidance.validate_inputs(prompt=prompt, layers="double:0-1, 0.5-1.0") is True
+    m, pos = LayoutGuidance.execute(t.patcher, clip, prompt, boxes, "both", 30.0, 2, 0.2, 0.5, 0.5, "auto",
+                                    "none").result
+    ctrl = get_dit_router(m).controllers[-1]
+    assert isinstance(ctrl, DitLayoutController) and ctrl.prompt_len == 77
+    assert [o.positions for o in ctrl.objects] == [[2, 3], [6, 7]]              # CLIP: 0 is the start token
+    g = torch.Generator().manual_seed(2)
+    noise = torch.randn(t.x.shape, generator=g)
+    neg = clip.encode_from_tokens_scheduled(clip.tokenize(""))
+    out = sample(m, noise, pos, neg, torch.zeros_like(t.x), steps=2)
+    assert torch.isfinite(out).all() and not torch.equal(out, sample(t.patcher, noise, pos, neg,
+                                                                       torch.zeros_like(t.x), steps=2))
+    with pytest.raises(AttentionControlError, match="^special_tokens"):
+        LayoutGuidance.execute(t.patcher, clip, prompt, boxes, "backward", 30.0, 2, 0.2, 0.5, 0.5, "auto", "end")
