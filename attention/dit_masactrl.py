@@ -42,7 +42,14 @@ place of the paper's L = 10 among SD1.5's 16 transformer blocks (the same share 
 alone); not measured on DiTs. `start_step`: a step count (>= 1) or a fraction of the steps (< 1),
 as on UNets.
 
-Mask guidance (the paper's foreground / background split) is not implemented on DiTs.
+Mask guidance with given masks (the paper's foreground / background split; `masks` (n, H, W), item 0
+the source's, then the target's, as the UNet node's source_mask / target_mask): each mask is resized to
+the token grid as on UNets (`masactrl.resize_user_mask`: nearest, foreground above 0.5; the same mask on
+every frame of a video), and a target's image queries attend twice, to its non-image keys with the
+source's FOREGROUND image keys and with the source's BACKGROUND image keys, mixed per query by the
+target's mask:  M_t * attn(Q_t[img], [K_t[txt]; K_s[fg]]) + (1 - M_t) * attn(Q_t[img], [K_t[txt]; K_s[bg]])
+(two fused calls on gathered keys; an empty side attends to all source image keys; a source mask that is
+all foreground is the unmasked edit). Masks from word maps are not implemented on DiTs.
 """
 from __future__ import annotations
 
@@ -51,6 +58,7 @@ import torch
 from .core import AttentionControlError, Run
 from .dit_layers import DitLayerSelector, describe_blocks
 from .dit_router import DitCall, DitController, DitRouter, host_mask
+from .masactrl import resize_user_mask
 from .validate import check_finite
 
 __all__ = ["DitMasaCtrlController", "DEFAULT_START_FRACTION", "resolve_start_step"]
@@ -87,9 +95,16 @@ class DitMasaCtrlController(DitController):
     name = "masactrl"
     streams = STREAMS
 
-    def __init__(self, start_step: float = 4, start_block: int | float | None = None, mode: str = "mutual"):
+    def __init__(self, start_step: float = 4, start_block: int | float | None = None, mode: str = "mutual",
+                 masks: torch.Tensor | None = None):
         if mode not in ("mutual", "union"):
             raise AttentionControlError(f"mode: '{mode}' is not mutual or union")
+        if masks is not None:
+            if mode == "union":
+                raise AttentionControlError("mode: union does not combine with mask guidance; use mutual with masks")
+            if not torch.is_tensor(masks) or masks.ndim != 3:
+                raise AttentionControlError("source_mask/target_mask: give masks of shape (n, H, W)")
+            check_finite("source_mask/target_mask", masks, "fix the node that makes the mask")
         check_finite("start_step", start_step, "give a step count (>= 1) or a fraction of the steps (< 1)")
         if start_step < 0:
             raise AttentionControlError(f"start_step: {start_step} must be >= 0 (a step count, or a fraction < 1)")
@@ -114,6 +129,7 @@ class DitMasaCtrlController(DitController):
         self.start_step = start_step
         self.start_block = start_block
         self.mode = mode
+        self.masks = masks
         self._blocks = frozenset()
 
     # -- selection
@@ -152,6 +168,22 @@ class DitMasaCtrlController(DitController):
         d = run.data(self)
         d["start"] = resolve_start_step(self.start_step, run.n_steps)
         d["fired"] = {}
+        d["grid_masks"] = {}
+        if self.masks is not None:
+            m = self.masks
+            if m.shape[0] not in (1, 2, run.batch):
+                raise AttentionControlError(
+                    f"source_mask/target_mask: {m.shape[0]} masks for a batch of {run.batch}; give one mask for the "
+                    "source and one for the target(s)")
+            if m.shape[0] < run.batch:
+                m = torch.cat([m[:1], m[-1:].expand(run.batch - 1, -1, -1)], 0)
+            at = resize_user_mask(m, *run.latent_hw)
+            for i, name in ((0, "source_mask"), (1, "target_mask")):
+                if not bool(at[i].any()):
+                    raise AttentionControlError(
+                        f"{name}: resized to this {run.latent_hw[0]}x{run.latent_hw[1]} latent the mask covers no "
+                        "latent pixel (no value above 0.5); enlarge the painted subject")
+            d["masks"] = m.float()
 
     # -- attention
     def _located(self, call: DitCall) -> bool:
@@ -213,6 +245,9 @@ class DitMasaCtrlController(DitController):
         lab = call.site.block
         d["fired"][lab] = d["fired"].get(lab, 0) + 1
 
+        masks = self._token_masks(call, d) if "masks" in d else None
+        if masks is not None:
+            return self._masked(call, masks, tgt, src)
         if not joint and self.mode == "mutual":
             # every query of a target row reads the source's keys and values: one call on the batch
             k2, v2 = k.clone(), v.clone()
@@ -242,4 +277,52 @@ class DitMasaCtrlController(DitController):
             out[tgt, q_sel] = o2.to(out.dtype)
         else:                                                # (B, H, N, D): skip_output_reshape
             out[tgt, :, q_sel] = o2.to(out.dtype)
+        return out
+
+    # -- mask guidance
+    def _token_masks(self, call: DitCall, d) -> torch.Tensor | None:
+        """(batch, n_image) masks in {0, 1} at the call's token grid (every frame the same); None where
+        the source's mask is all foreground (the unmasked edit)."""
+        f, gh, gw = call.grid
+        m = d["grid_masks"].get(call.grid)
+        if m is None:
+            m = resize_user_mask(d["masks"], gh, gw)                      # (batch, gh, gw)
+            m = d["grid_masks"][call.grid] = m[:, None].expand(-1, f, -1, -1).reshape(m.shape[0], -1)
+        return None if bool((m[0] > 0.5).all()) else m.to(call.q.device)
+
+    def _masked(self, call: DitCall, masks: torch.Tensor, tgt: torch.Tensor, src: torch.Tensor):
+        sd = _seq_dim(call)
+        nk = call.k.shape[sd]
+        dev = call.q.device
+        ki = call.k_image
+        img = torch.arange(ki.start, ki.stop, device=dev)
+        other = torch.cat([torch.arange(0, ki.start, device=dev), torch.arange(ki.stop, nk, device=dev)])
+        q_sel = call.q_image
+        q2 = call.q.index_select(0, tgt)[_seq(call, q_sel)]
+        kt, vt = call.k.index_select(0, tgt), call.v.index_select(0, tgt)
+        ks, vs = call.k.index_select(0, src), call.v.index_select(0, src)
+        hm = host_mask(call.mask)
+        if hm is not None:
+            if hm.shape[-2] == call.q.shape[sd]:
+                hm = hm[..., q_sel, :]
+            mt, ms = (hm, hm) if hm.shape[0] == 1 else (hm.index_select(0, tgt), hm.index_select(0, src))
+        fg = masks[0] > 0.5
+        parts = []
+        for sel in (fg, ~fg):
+            cols = img[sel] if bool(sel.any()) else img                # an empty side: every source image key
+            k2 = torch.cat([kt.index_select(sd, other), ks.index_select(sd, cols)], dim=sd)
+            v2 = torch.cat([vt.index_select(sd, other), vs.index_select(sd, cols)], dim=sd)
+            m2 = ...
+            if hm is not None:
+                a, b = torch.broadcast_tensors(mt, ms)
+                m2 = torch.cat([a.index_select(-1, other), b.index_select(-1, cols)], dim=-1)
+            parts.append(call.default(q2, k2, v2, mask=m2))
+        out = call.default()
+        mt_ = masks.index_select(0, torch.remainder(tgt, call.batch)).to(out.dtype)      # (R_t, n_image)
+        if out.ndim == 3:
+            mix = mt_[:, :, None] * parts[0] + (1 - mt_[:, :, None]) * parts[1]
+            out[tgt, q_sel] = mix.to(out.dtype)
+        else:
+            mix = mt_[:, None, :, None] * parts[0] + (1 - mt_[:, None, :, None]) * parts[1]
+            out[tgt, :, q_sel] = mix.to(out.dtype)
         return out

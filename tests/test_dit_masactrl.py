@@ -2,7 +2,8 @@
 against [target text keys; source image keys], softmax over that set; Wan: the source's self-attention
 keys), the source rows and everything before the start step / below the start block equal plain
 sampling of the same batch bit for bit, an identity edit reproduces the source, the target's prompt
-still acts, named errors before sampling, nothing left behind."""
+still acts, given masks split foreground / background as the float64 formula, named errors before
+sampling, nothing left behind."""
 from __future__ import annotations
 
 import math
@@ -209,6 +210,50 @@ def test_host_mask_is_carried(mode):
     assert torch.equal(out[0], ref[0]) and not torch.equal(out[1], ref[1])
 
 
+def naive_masked(c, t, s, m_src, m_tgt):
+    """Float64 mask-guided target output: image queries attend to [target non-image keys; source
+    foreground image keys] and [...; source background image keys], mixed per query by the target mask."""
+    q, k, v = c["q"], c["k"], c["v"]
+    nq, nk, d = q.shape[2], k.shape[2], q.shape[3]
+    bt, bs = _bias(c["mask"], [t], nq, nk)[0], _bias(c["mask"], [s], nq, nk)[0]
+    ki, qi = c["ki"], c["qi"]
+    img = torch.arange(ki.start, ki.stop)
+    other = torch.tensor([j for j in range(nk) if not ki.start <= j < ki.stop], dtype=torch.long)
+    out = torch.softmax(q[t] @ k[t].transpose(-1, -2) / math.sqrt(d) + bt, -1) @ v[t]
+    parts = []
+    for sel in (m_src, ~m_src):
+        cols = img[sel] if sel.any() else img
+        kk, vv = torch.cat([k[t][:, other], k[s][:, cols]], 1), torch.cat([v[t][:, other], v[s][:, cols]], 1)
+        bias = torch.cat([bt.expand(bs.shape)[..., other], bs.expand(bt.shape)[..., cols]], -1)[..., qi, :]
+        parts.append(torch.softmax(q[t][:, qi] @ kk.transpose(-1, -2) / math.sqrt(d) + bias, -1) @ vv)
+    w = m_tgt.double()[None, :, None]
+    out[:, qi] = w * parts[0] + (1 - w) * parts[1]
+    return out
+
+
+@pytest.mark.parametrize("family", ["Flux", "SD3", "Wan"])
+def test_mask_guided_equals_naive(family):
+    """Given masks (source: left half, target: top half): the target's image queries take the source's
+    foreground keys where the target mask is on, its background keys elsewhere (float64 formula)."""
+    src_m, tgt_m = torch.zeros(64, 64), torch.zeros(64, 64)
+    src_m[:, :32] = 1.0
+    tgt_m[:32] = 1.0
+    pos, neg, latent, noise = edit(family)
+    rec = Rec(start_step=0, start_block=0, masks=torch.stack([src_m, tgt_m]))
+    out, _ = run(attach(tiny(family).patcher, rec), pos, neg, latent, noise, steps=1)
+    ref, _ = run(tiny(family).patcher, pos, neg, latent, noise, steps=1)
+    assert rec.log and torch.equal(out[0], ref[0]) and not torch.equal(out[1], ref[1])
+    f, gh, gw = (2, 4, 4) if family == "Wan" else (1, 8, 8)
+    at = torch.nn.functional.interpolate(torch.stack([src_m, tgt_m])[:, None], size=(gh, gw), mode="nearest")[:, 0]
+    ms, mt = [(a > 0.5).flatten().repeat(f) for a in at]
+    assert 0 < int(ms.sum()) < ms.numel()
+    for c in rec.log:
+        B = c["B"]
+        for j in range(c["chunks"]):
+            torch.testing.assert_close(c["out"][j * B + 1], naive_masked(c, j * B + 1, j * B, ms, mt), rtol=1e-4,
+                                       atol=2e-5)
+
+
 @pytest.mark.parametrize("family,start", [("Flux", 2), ("SD3", 1), ("Wan", 1)])
 def test_blocks_below_the_start_block_are_untouched(family, start):
     """start_step 0, start block k: at step 0 the inputs (q) of every block up to k equal plain
@@ -270,7 +315,6 @@ def test_named_errors_before_sampling():
     m = attach(attach(t.patcher, Count()), DitMasaCtrlController(0, 0))
     with pytest.raises(AttentionControlError, match=r"^positive: the conditioning carries reference latents"):
         run(m, noise=noise, pos=pos_ref, neg=neg, latent=latent)
-    assert not calls                       # all raised before the first model call
     # block choices that match nothing: at attach, with the model's blocks listed
     with pytest.raises(AttentionControlError, match=r"^start_layer: block index 4 selects no block .* 4 main "
                                                     r"blocks \(double:0-1, single:0-1, numbered 0..3"):
@@ -284,6 +328,17 @@ def test_named_errors_before_sampling():
         DitMasaCtrlController(1, 0, "swap")
     with pytest.raises(AttentionControlError, match="^start_step: 2.5 is neither a step count"):
         DitMasaCtrlController(2.5, 0)
+    with pytest.raises(AttentionControlError, match="^mode: union does not combine with mask guidance"):
+        DitMasaCtrlController(1, 0, "union", torch.ones(2, 8, 8))
+    empty = torch.zeros(2, 64, 64)
+    empty[0, :8, :8] = 1.0
+    m = attach(attach(t.patcher, Count()), DitMasaCtrlController(0, 0, masks=empty))
+    with pytest.raises(AttentionControlError, match=r"^target_mask: resized to this 16x16 latent the mask covers no"):
+        run(m, pos, neg, latent, noise, steps=1)
+    m = attach(attach(t.patcher, Count()), DitMasaCtrlController(0, 0, masks=torch.ones(3, 8, 8)))
+    with pytest.raises(AttentionControlError, match=r"^source_mask/target_mask: 3 masks for a batch of 2"):
+        run(m, pos, neg, latent, noise, steps=1)
+    assert not calls                       # every run above raised before the first model call
 
 
 def test_stands_aside_where_the_sequence_has_other_tokens(caplog):
@@ -370,5 +425,10 @@ def test_node_builds_the_dit_controller(family):
     out, _ = run(m2, pos, neg, latent["samples"], noise, steps=2)
     ref, _ = run(t.patcher, pos, neg, latent["samples"], noise, steps=2)
     assert torch.equal(out[0], ref[0]) and not torch.equal(out[1], ref[1])
-    with pytest.raises(AttentionControlError, match="^mask_source_word: mask guidance is not available on DiT"):
+    with pytest.raises(AttentionControlError, match="^mask_source_word: masks from word maps are not available"):
         MasaCtrl.execute(t.patcher, clip, lat, "a cat", "a dog", "", 1.0, -1, "mutual", "cat", "", 0.1)
+    sm = torch.zeros(1, 64, 64)
+    sm[:, :, :32] = 1.0
+    m3 = MasaCtrl.execute(t.patcher, clip, lat, "a cat", "a dog", "", 1.0, -1, "mutual", "", "", 0.1, sm).result[0]
+    ctrl3 = get_dit_router(m3).controllers[-1]
+    assert ctrl3.masks.shape == (2, 64, 64) and torch.equal(ctrl3.masks[1], sm[0])
