@@ -93,17 +93,11 @@ class MasaCtrl(io.ComfyNode):
             raise AttentionControlError("source_prompt: give the prompt of the source image")
         if not tgt_texts:
             raise AttentionControlError("target_prompts: give one target prompt per line")
-        if is_dit(model):
-            # DiTs: start_layer is a block index over the main blocks in forward order (-1: depth fraction
-            # 0.625, see attention/dit_masactrl.py); no mask guidance there yet
-            if source_mask is not None or target_mask is not None or mask_source_word.strip() or \
-                    mask_target_word.strip():
-                name = "mask_source_word" if mask_source_word.strip() or mask_target_word.strip() else "source_mask"
-                raise AttentionControlError(f"{name}: mask guidance is not available on DiT models; clear the mask "
-                                            "words and disconnect the masks")
-            ctrl = DitMasaCtrlController(start_step, None if start_layer < 0 else int(start_layer), mode)
-            m = attach(model, ctrl)
-            return io.NodeOutput(m, *edit_batch(clip, latent, [source_prompt] + tgt_texts, negative_prompt))
+        dit = is_dit(model)
+        if dit and (mask_source_word.strip() or mask_target_word.strip()):
+            name = "mask_source_word" if mask_source_word.strip() else "mask_target_word"
+            raise AttentionControlError(f"{name}: masks from word maps are not available on DiT models; clear the "
+                                        "mask words, or connect source_mask / target_mask")
         mask = None
         if source_mask is not None or target_mask is not None:
             fix = "paint the subject (values > 0.5) or disconnect the mask"
@@ -126,6 +120,13 @@ class MasaCtrl(io.ComfyNode):
             mask = MaskSpec(src_positions=src.positions(sw, "mask_source_word"),
                             tgt_positions=[tp.positions(tw, "mask_target_word") for tp in tps],
                             threshold=mask_threshold)
+        if dit:
+            # DiTs: start_layer is a block index over the main blocks in forward order (-1: depth fraction
+            # 0.625, see attention/dit_masactrl.py); given masks only
+            ctrl = DitMasaCtrlController(start_step, None if start_layer < 0 else int(start_layer), mode,
+                                         None if mask is None else mask.masks)
+            m = attach(model, ctrl)
+            return io.NodeOutput(m, *edit_batch(clip, latent, [source_prompt] + tgt_texts, negative_prompt))
         ctrl = MasaCtrlController(start_step, None if start_layer < 0 else start_layer, mode, mask)
         m = attach(model, ctrl)
         return io.NodeOutput(m, *edit_batch(clip, latent, [source_prompt] + tgt_texts, negative_prompt))
