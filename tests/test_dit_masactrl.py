@@ -265,8 +265,7 @@ def test_blocks_below_the_start_block_are_untouched(family, start):
     run(attach(tiny(family).patcher, keep_ref), pos, neg, latent, noise, steps=2)
     check_calls(rec)
     assert {c["depth"][0] for c in rec.log} == set(range(start, rec.log[0]["depth"][1]))
-    n_calls = len(keep.calls) // 1
-    assert len(keep.calls) == len(keep_ref.calls) == n_calls
+    assert len(keep.calls) == len(keep_ref.calls) > 0
     for (k, st, q), (k2, _, q_ref) in zip(keep.calls, keep_ref.calls):
         assert k == k2
         if k < start or (k == start and st in ("joint", "image_self")):      # the acting call's own inputs
@@ -301,8 +300,8 @@ def test_named_errors_before_sampling():
     g = torch.Generator().manual_seed(1)
     m = attach(attach(t.patcher, Count()), DitMasaCtrlController(1, 0))
     with pytest.raises(AttentionControlError, match=r"^latent: MasaCtrl needs a batch of the source and at least"):
-        run(m, _cond("Flux", torch.randn(1, TXT, 32, generator=g), g), _cond("Flux", torch.randn(1, TXT, 32, generator=g), g),
-            latent[:1], noise[:1])
+        run(m, _cond("Flux", torch.randn(1, TXT, 32, generator=g), g),
+            _cond("Flux", torch.randn(1, TXT, 32, generator=g), g), latent[:1], noise[:1])
     # start_step past the run
     m = attach(attach(t.patcher, Count()), DitMasaCtrlController(3, 0))
     with pytest.raises(AttentionControlError, match=r"^start_step: 3 starts at step 3, but this run has 3 sampling"):
