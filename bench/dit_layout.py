@@ -10,7 +10,9 @@ Guidance: one box over the left half for context tokens 2-3, the default DiT blo
 
 - iter mem: extra peak RSS of a 1-step run with one iteration (the guidance forward to the last
   guided block + its backward, then the step's model call) vs a 1-step plain run, above the
-  loaded-model baseline (after a 1-step plain warm-up), fresh processes (the UNet definition).
+  loaded-model baseline (after a 1-step plain warm-up), fresh processes (the UNet definition);
+  dit_layout_iter_mem_ratio_chunk1m (report only): the same with the lse chunk budget at 2^20 score
+  elements (the default, 16 * 2^20, holds a whole call's 4 x 1024 x 1280 block in one chunk).
 - step time (report only): CPU time of 4 steps each guided by one iteration over 4 plain steps, i.e.
   the time of a guided step relative to a plain one (unshifted: 1 + the iteration's relative cost).
 """
@@ -24,6 +26,8 @@ from bench import common
 from bench.dit_capture import CTX, _model_and_conds
 
 TOKENS = [2, 3]
+# report-only variants: a smaller lse chunk budget (the default holds a whole call's score block here)
+VARIANTS = {"guided": {}, "guided_chunk1m": {"chunk_budget": 1 << 20}}
 
 
 def _inference_weights(model):
@@ -44,14 +48,15 @@ def _setup():
     return M, _inference_weights(model), pos, latent, noise
 
 
-def guided_model(model):
+def guided_model(model, chunk_budget=None, layers=None):
     from attention_control.attention.dit_layers import DitLayerSelector
     from attention_control.attention.dit_layout import DEFAULT_DIT_LAYERS, DitLayoutController
     from attention_control.attention.layout import Box, LayoutObject
     from attention_control.attention.router import attach
     ctrl = DitLayoutController([LayoutObject(Box("x", 0.0, 0.0, 0.5, 1.0), TOKENS)], CTX,
-                               DitLayerSelector.parse(DEFAULT_DIT_LAYERS), mode="backward", strength=30.0,
-                               iterations=1, threshold=0.0, guided_fraction=1.0)
+                               DitLayerSelector.parse(layers or DEFAULT_DIT_LAYERS), mode="backward", strength=30.0,
+                               iterations=1, threshold=0.0, guided_fraction=1.0, **(
+                                   {} if chunk_budget is None else {"chunk_budget": chunk_budget}))
     return attach(model, ctrl), ctrl
 
 
@@ -74,14 +79,15 @@ def mem_case(backend: str, steps: int, which: str) -> dict:
     common.setup(backend)
     common.pin_threads()
     M, model, pos, latent, noise = _setup()
-    gm, ctrl = guided_model(model)
+    gm, ctrl = guided_model(model, **VARIANTS.get(which, {}))
     m = model if which == "plain" else gm
     _sample(M, model, pos, latent, noise, 1)           # load and warm the allocator on the same shapes
     base = common.reset_peak()
     _sample(M, m, pos, latent, noise, steps)
     res = {"extra_mb": (common.peak_kb() - base) / 1024.0}
-    if which == "guided":
+    if which != "plain":
         res["iterations"] = sum(len(it) for _, it in ctrl.last_energy_log)
+        res["chunk_budget"] = ctrl.chunk_budget
     return res
 
 
@@ -93,8 +99,8 @@ def collect(quick: bool = False) -> dict:
     for backend in common.BACKENDS:
         t = common.run_child("bench.dit_layout", "time", backend, str(steps), "2" if quick else str(common.PAIRS))
         runs = {w: [common.run_child("bench.dit_layout", "mem", backend, "1", w, env_extra=env) for _ in range(reps)]
-                for w in ("plain", "guided")}
-        assert all(r["iterations"] == 1 for r in runs["guided"]), runs["guided"]
+                for w in ("plain", "guided", "guided_chunk1m")}
+        assert all(r["iterations"] == 1 for w in VARIANTS for r in runs[w]), runs
         mem = {w: min(r["extra_mb"] for r in rs) for w, rs in runs.items()}
         settings = (f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent (1024 "
                     f"image tokens), {CTX}-token context, inference-tensor weights, one box (left half) for tokens "
@@ -104,10 +110,16 @@ def collect(quick: bool = False) -> dict:
             "settings": settings + f", 1-step run with one backward-guidance iteration vs 1-step plain run: extra "
                                    f"peak RSS above the loaded model {mem['guided']:.1f} MB / {mem['plain']:.1f} MB, "
                                    f"fresh processes, min of {reps}, {env}"}
+        out[f"dit_layout_iter_mem_ratio_chunk1m[{backend}]"] = {
+            "value": round(mem["guided_chunk1m"] / max(mem["plain"], 1e-6), 4), "target": None, "unit": "x",
+            "settings": settings + f", as dit_layout_iter_mem_ratio with an lse chunk budget of 2^20 score elements "
+                                   f"(default {runs['guided'][0]['chunk_budget']}: one chunk per call here): "
+                                   f"{mem['guided_chunk1m']:.1f} MB"}
         out[f"dit_layout_step_time_ratio[{backend}]"] = common.time_figure(
             t, None, settings + f", {steps} euler steps each guided by one iteration ({t['iterations']} done) vs "
                                 f"{steps} plain steps: a guided step over a plain one, CPU time")
-    return common.add_worst(out, ["dit_layout_iter_mem_ratio", "dit_layout_step_time_ratio"])
+    return common.add_worst(out, ["dit_layout_iter_mem_ratio", "dit_layout_iter_mem_ratio_chunk1m",
+                                  "dit_layout_step_time_ratio"])
 
 
 if __name__ == "__main__":
