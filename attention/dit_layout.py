@@ -11,8 +11,9 @@ on the model's token grid (every frame of a video shares the box). Backward guid
 as on UNets (`layout.descend`: x <- x - sigma^2 grad_x(strength * E) while E > threshold) for the
 first fraction of the steps, in a positive-only forward that stops after the last guided call
 (StopForward), and hands the move to the sampler in denoised form (`layout.guided_prediction`): any
-sampler. Gradients flow through the inference-mode weights by reference (`grad.WeightReferences`);
-`grad.saved_copies` keeps autograd's saved tensors apart from the blocks' in-place residual writes.
+sampler. Gradients flow through the inference-mode weights by reference (`grad.WeightReferences`),
+whose norm-input copies keep the blocks' in-place residual writes (Flux, Chroma) out of autograd's
+saved tensors.
 
 Memory: only the phrase columns of A are formed, A[u, i] = exp(s[u, i] - lse_u); the row normaliser
 lse over all keys is computed in query chunks whose scores are recomputed in the backward
@@ -32,14 +33,14 @@ from torch.utils.checkpoint import checkpoint
 
 from .core import AttentionControlError, Run, StopForward
 from .dit_router import DitCall, DitController, host_mask
-from .grad import WeightReferences, saved_copies
+from .grad import WeightReferences
 from .layout import (LayoutConfig, box_cells, box_coverage, box_window, descend, guided_prediction, layer_energy)
 from .maps import token_columns
 
 __all__ = ["DitLayoutController", "phrase_probs", "DEFAULT_DIT_LAYERS"]
 
 DEFAULT_DIT_LAYERS = "all"
-CHUNK_BUDGET = 16 * 1024 * 1024      # score elements of one lse chunk (rows x heads x queries x keys)
+CHUNK_BUDGET = 1024 * 1024          # score elements of one lse chunk (rows x heads x queries x keys): 4 MB
 
 
 def _bias(mask, q_rows: slice, n_q: int, dtype):
@@ -55,7 +56,7 @@ def _bias(mask, q_rows: slice, n_q: int, dtype):
 
 
 def _lse(q: torch.Tensor, k: torch.Tensor, bias, scale: float) -> torch.Tensor:
-    s = torch.matmul(q, k.transpose(-1, -2)) * scale
+    s = torch.matmul(q * scale, k.transpose(-1, -2))
     if bias is not None:
         s = s + bias
     return torch.logsumexp(s, dim=-1)
@@ -286,7 +287,7 @@ class DitLayoutController(LayoutConfig, DitController):
 
         def energy_at(xk):
             state = _DitPass(self, d["last"])
-            with WeightReferences(), saved_copies():
+            with WeightReferences(norm_input_copies=True):
                 passes.cond_pass(xk, state)
             if state.energy is None:
                 raise AttentionControlError(

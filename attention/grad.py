@@ -69,7 +69,22 @@ def _copy_if_inference(t):
 
 class WeightReferences(TorchFunctionMode):
     """Lets autograd differentiate through layers whose weights are inference tensors without
-    copying them (input gradients only; the weights get no gradient)."""
+    copying them (input gradients only; the weights get no gradient).
+
+    `norm_input_copies`: norm layers (layer / group / RMS norm) get a copy of their input when it
+    requires grad, so that a model that writes into its residual stream in place after normalising
+    it (`img += ...` in the Flux / Chroma blocks) still differentiates: the norm's backward reads
+    its own copy. Costs one residual-stream-sized tensor per norm of the guidance forward (where
+    copying every saved activation would cost)."""
+
+    def __init__(self, norm_input_copies: bool = False):
+        super().__init__()
+        self.norm_input_copies = norm_input_copies
+
+    def _norm_input(self, args):
+        if self.norm_input_copies and args and torch.is_tensor(args[0]) and args[0].requires_grad:
+            args[0] = args[0].clone()
+        return args
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -85,13 +100,13 @@ class WeightReferences(TorchFunctionMode):
                 return ref.apply(x, w, _arg(args, kwargs, 2, "bias"), _arg(args, kwargs, 3, "stride", 1), padding,
                                  _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1))
         elif func is getattr(F, "rms_norm", None):
-            args = list(args)               # (input, normalized_shape, weight, eps): DiT norms
+            args = self._norm_input(list(args))     # (input, normalized_shape, weight, eps): DiT norms
             if len(args) > 2:
                 args[2] = _copy_if_inference(args[2])
             elif "weight" in kwargs:
                 kwargs["weight"] = _copy_if_inference(kwargs["weight"])
         elif func is F.group_norm or func is F.layer_norm:
-            args = list(args)               # (input, groups | shape, weight, bias, eps)
+            args = self._norm_input(list(args))     # (input, groups | shape, weight, bias, eps)
             for i, name in ((2, "weight"), (3, "bias")):
                 if len(args) > i:
                     args[i] = _copy_if_inference(args[i])
@@ -122,11 +137,3 @@ def autograd_weights(modules):
         for store, name, t in reversed(swapped):
             store[name] = t
 
-
-@contextlib.contextmanager
-def saved_copies():
-    """Autograd keeps its own copy of every tensor it saves for backward, so that a model that
-    writes into its residual stream in place (`img += ...` in the Flux blocks) after an op saved it
-    still differentiates. Costs one copy of the saved activations of the guidance forward."""
-    with torch.autograd.graph.saved_tensors_hooks(lambda t: t.clone(), lambda t: t):
-        yield
