@@ -5,6 +5,7 @@ import torch
 from comfy_api.latest import io
 
 from ..attention.core import AttentionControlError
+from ..attention.dit_router import is_dit
 from ..attention.p2p import LocalBlendSpec, P2PController, TargetEdit, refine_mapper, replace_mapper
 from ..attention.router import attach
 from ..attention.tokens import TokenError, find_positions, flatten_chunks, parse_word_list, word_token_ids
@@ -187,6 +188,11 @@ def edit_batch(clip, latent: dict, texts: list[str], negative_prompt: str):
 
 def build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace, word_windows,
               self_replace, blend_source_words, blend_target_words, blend_threshold, blend_start):
+    if is_dit(model):                         # Flux, SD3, Wan, ...: joint attention (nodes/dit_p2p.py)
+        from .dit_p2p import build_dit_p2p
+        return build_dit_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace,
+                             word_windows, self_replace, blend_source_words, blend_target_words, blend_threshold,
+                             blend_start)
     src = _Prompt(clip, source_prompt, "source_prompt")
     tgt_texts = [t.strip() for t in target_prompts.splitlines() if t.strip()]
     if mode == "reweight" and not tgt_texts:
