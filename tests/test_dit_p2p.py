@@ -131,9 +131,9 @@ def _run_sampled(family, ctrl, steps=3, same=False, cfg=2.5, n=2, seed=3):
     return sample(m, noise, pos, neg, latent, steps=steps, cfg=cfg), (noise, pos, neg, latent)
 
 
-def _run_forward(family, ctrl, steps=3, same=False, sigma=0.6):
+def _run_forward(family, ctrl, steps=3, same=False, sigma=0.6, t=None):
     """One model call at step 0 of a `steps`-step run on a [source, target] batch (one cond chunk)."""
-    t = tiny(family)
+    t = t or tiny(family)
     g = torch.Generator().manual_seed(9)
     x = t.x.repeat(2, *([1] * (t.x.ndim - 1)))
     conds = dict(t.conds)
@@ -223,6 +223,18 @@ def test_other_families_equal_naive(family):
         ctrl = Rec([e], C, 0.0, 1.0, sf)
         _run_forward(family, ctrl)
         _check_calls(ctrl, [e], 3, (0.0, 1.0), sf, {"joint"})
+
+
+def test_sd3_register_tokens_take_the_global_window():
+    """SD3 with register tokens (text columns before the context): they are edited with the identity
+    mapper and the cross window, the context columns with the mapper (naive formula)."""
+    from ac_dit import Tiny
+    t = Tiny("SD3", register_length=2)
+    e = _edit(TXT, "replace")
+    ctrl = Rec([e], TXT, 0.0, 1.0, 0.0)
+    _run_forward("SD3", ctrl, t=t)
+    assert ctrl.log[0]["kt"] == slice(0, TXT + 2) and ctrl.log[0]["cols"]([0]) == [2]
+    _check_calls(ctrl, [e], 3, (0.0, 1.0), 0.0, {"joint"})
 
 
 @pytest.mark.parametrize("family", SAMPLED + FORWARD_ONLY)
@@ -343,3 +355,67 @@ def test_layer_selection_and_no_leak():
     assert not torch.equal(edited[1], before[1]) and torch.equal(edited[0], before[0])
     assert torch.equal(sample(t.patcher, noise, pos, pos, latent, steps=2), before)
     assert torch.equal(forward(t.patcher, t.x, t.conds), t.baseline)
+
+
+# --------------------------------------------------------------------------------------------
+# the Prompt-to-Prompt node on DiT models (nodes/dit_p2p.py): words in the model's context
+
+PROMPT = "a red circle and a blue square"
+
+
+def _node(family, target, mode="replace", reweight="", windows_="", blend=("", "")):
+    from test_dit_tokens import BUILDERS
+    from attention_control.nodes.p2p import build_p2p
+    clip = BUILDERS[family](None)
+    m, texts = build_p2p(tiny(family).patcher, clip, PROMPT, target, mode, reweight, 0.8, windows_, 0.4, *blend,
+                         0.3, 0.0)
+    return get_dit_router(m).controllers[-1], m, texts
+
+
+def test_node_on_flux_refine_reweight_windows_blend():
+    """Flux's T5 context (256 rows: ▁ a ▁red ▁circle ▁and ▁ a ▁blue ▁square): refine aligns the
+    target's tokens to the source's, 'big' is inserted (alpha 0); reweight, per-word windows and the
+    blend words take the target's positions."""
+    ctrl, _, texts = _node("Flux", "a big red circle and a blue square", "refine", "blue: 2", "circle: 0.3",
+                           ("red", "red"))
+    assert isinstance(ctrl, DitP2PController) and ctrl.prompt_len == 256 and texts[1].startswith("a big")
+    e = ctrl.targets[0]
+    assert e.alpha[2] == 0 and e.alpha[[0, 1, 3, 4, 9]].tolist() == [1, 1, 1, 1, 1]
+    assert e.mapper[2, 3] == 1 and e.mapper[8, 9] == 1 and e.mapper[9, 10] == 1     # red, square, after EOS
+    assert e.weights[8] == 2 and (e.weights != 1).sum() == 1
+    assert e.windows == [([4], 0.0, 0.3)]
+    assert ctrl.blend.src_positions == [2] and ctrl.blend.tgt_positions == [[3]]
+
+
+def test_node_on_sd3_maps_each_text_encoder_part():
+    """SD3's context is a CLIP part (77 rows) then a T5 part: each part is mapped on its own, and a
+    word has positions in both."""
+    ctrl, _, _ = _node("SD3", "a turquoise circle and a blue square", "replace", "blue: 2")
+    e = ctrl.targets[0]
+    assert ctrl.prompt_len == 154 and torch.equal(e.mapper, torch.eye(154))    # one-token swaps: identity
+    assert (e.weights == 2).nonzero().flatten().tolist() == [6, 84]
+
+
+def test_node_errors_name_the_input():
+    with pytest.raises(AttentionControlError, match=r"^target_prompts \(line 1\): replace needs the same number"):
+        _node("Flux", "a red circle")
+    with pytest.raises(AttentionControlError, match=r"^reweight: 'green' is not in the prompt"):
+        _node("Flux", "a red circle and a blue square", "reweight", "green: 2")
+    with pytest.raises(AttentionControlError, match=r"^target_prompts \(line 1\): reweight keeps the source"):
+        _node("Flux", "a green circle and a blue square", "reweight", "red: 2")
+
+
+def test_node_model_samples_the_identity_edit_bit_for_bit():
+    """The node's MODEL on Flux (contexts of the T5 length, made here: the CLIP has no weights)."""
+    _, m, _ = _node("Flux", PROMPT)
+    g = torch.Generator().manual_seed(5)
+    extra = SAMPLE_CONDS["Flux"](g)
+    pos = [[torch.randn(1, 256, 32, generator=g).repeat(2, 1, 1), extra]]
+    neg = [[torch.randn(1, 256, 32, generator=g).repeat(2, 1, 1), extra]]
+    t = tiny("Flux")
+    noise = torch.randn((1,) + tuple(t.x.shape[1:]), generator=g).repeat(2, 1, 1, 1)
+    out = sample(m, noise, pos, neg, torch.zeros_like(noise), steps=2)
+    torch.testing.assert_close(out[1], out[0], rtol=1e-4, atol=1e-4)   # self window 0.4 of 2 steps: off
+    ctrl = DitP2PController([_edit(256, "identity")], 256, 0.0, 1.0, 1.0)
+    out = sample(attach(t.patcher, ctrl), noise, pos, neg, torch.zeros_like(noise), steps=2)
+    assert torch.equal(out[1], out[0])
