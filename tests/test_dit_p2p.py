@@ -16,7 +16,7 @@ from attention_control.attention.router import attach
 from ac_dit import SAMPLE_CONDS, TXT, forward, sample, tiny
 
 SAMPLED = ("Flux", "SD3", "Wan", "Lumina 2")                  # comfy.sample with CFG (cond + uncond rows)
-FORWARD_ONLY = ("Qwen-Image", "Flux.2", "Z-Image", "Chroma")  # one model call, one cond chunk
+FORWARD_ONLY = ("Qwen-Image", "Flux.2", "Z-Image", "Chroma", "HunyuanVideo", "HunyuanImage 2.1")  # one model call, one cond chunk
 
 
 def heads4(t, call):
