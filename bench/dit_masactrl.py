@@ -4,7 +4,7 @@ Model and batch: the tiny random Flux-shaped DiT and the [source, target] batch 
 (ComfyUI's Flux class, hidden 128, 4 heads, 2 double + 2 single blocks, 64x64 latent, 256-token
 context, shared noise, the target's context one token different), euler, 10 steps, cfg 1. MasaCtrl
 as the UNet bench sets it (bench/masactrl.py): start step 4/50 of the steps, the default start block
-(depth fraction 0.625: the two single blocks here), mutual mode. Baseline: plain sampling of the
+(depth fraction 1/3: the second double block and the two single blocks here), mutual mode. Baseline: plain sampling of the
 same batch and conditioning.
 """
 from __future__ import annotations
@@ -44,7 +44,7 @@ def collect(quick: bool = False) -> dict:
         out[f"dit_masactrl_time_ratio[{backend}]"] = common.time_figure(
             r, 1.05, f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent (1024 "
                      f"image tokens), {CTX}-token context, batch [source, target], MasaCtrl mutual, start step "
-                     f"{START_STEP:g} of the steps, default start block (depth fraction 0.625), {steps} euler steps, "
+                     f"{START_STEP:g} of the steps, default start block (depth fraction 1/3), {steps} euler steps, "
                      f"cfg 1, vs plain sampling of the same batch, attention={r['attention']}, CPU time")
     return common.add_worst(out, ["dit_masactrl_time_ratio"])
 

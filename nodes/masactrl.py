@@ -56,8 +56,8 @@ class MasaCtrl(io.ComfyNode):
                 io.Int.Input("start_layer", default=-1, min=-1, max=200,
                              tooltip="First transformer block L (blocks counted over the whole UNet in forward "
                                      "order; on DiTs the main blocks in forward order, e.g. Flux double then "
-                                     "single). -1 = auto: SD1.x 10 (paper), SDXL 54, DiTs the blocks past 0.625 "
-                                     "of the depth."),
+                                     "single). -1 = auto: SD1.x 10 (paper), SDXL 54, DiTs the blocks past 1/3 "
+                                     "of the depth (Flux: the single blocks; measured)."),
                 io.Combo.Input("mode", options=["mutual", "union"], default="mutual",
                                tooltip="mutual: targets attend to the source's keys/values; union: to the source's "
                                        "and their own."),
@@ -122,7 +122,7 @@ class MasaCtrl(io.ComfyNode):
                             threshold=mask_threshold)
         if dit:
             # DiTs: start_layer is a block index over the main blocks in forward order (-1: depth fraction
-            # 0.625, see attention/dit_masactrl.py); given masks only
+            # 1/3, measured: see attention/dit_masactrl.py); given masks only
             ctrl = DitMasaCtrlController(start_step, None if start_layer < 0 else int(start_layer), mode,
                                          None if mask is None else mask.masks)
             m = attach(model, ctrl)

@@ -280,11 +280,11 @@ def test_default_start_block_is_a_depth_fraction():
     rec = Rec(start_step=0)
     attach(tiny("Flux").patcher, rec)
     assert rec.start_block == DEFAULT_START_FRACTION
-    # 2 double + 2 single blocks: centres 0.125, 0.375, 0.625, 0.875 -> the single blocks
-    assert rec._blocks == {("single", 0), ("single", 1)}
-    rec = Rec(start_step=0, start_block=0.3)
-    attach(tiny("Flux").patcher, rec)
+    # 2 double + 2 single blocks: centres 0.125, 0.375, 0.625, 0.875 -> from the second double block
     assert rec._blocks == {("double", 1), ("single", 0), ("single", 1)}
+    rec = Rec(start_step=0, start_block=0.6)
+    attach(tiny("Flux").patcher, rec)
+    assert rec._blocks == {("single", 0), ("single", 1)}
 
 
 def test_named_errors_before_sampling():
