@@ -11,6 +11,7 @@ from ..attention.router import attach
 from ..attention.tokens import TokenError, find_positions, flatten_chunks, parse_word_list, word_token_ids
 from ..attention.validate import check_finite, parse_number
 from .common import CATEGORY, check_widgets, chunks_of, sd_tokenizer, validation_result
+from .dit_tokens import is_dit_clip
 
 L = 77
 
@@ -188,11 +189,25 @@ def edit_batch(clip, latent: dict, texts: list[str], negative_prompt: str):
 
 def build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace, word_windows,
               self_replace, blend_source_words, blend_target_words, blend_threshold, blend_start):
-    if is_dit(model):                         # Flux, SD3, Wan, ...: joint attention (nodes/dit_p2p.py)
+    dit = is_dit(model)
+    if dit and is_dit_clip(clip):             # Flux, SD3, Wan, ...: joint attention (nodes/dit_p2p.py)
         from .dit_p2p import build_dit_p2p
         return build_dit_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_replace,
                              word_windows, self_replace, blend_source_words, blend_target_words, blend_threshold,
                              blend_start)
+    targets, blend, tgt_texts = _clip_edits(clip, source_prompt, target_prompts, mode, reweight, word_windows,
+                                            blend_source_words, blend_target_words, blend_threshold, blend_start)
+    if dit:                                   # a DiT with an SD CLIP text encoder (the shapes-world DiT)
+        from ..attention.dit_p2p import DitP2PController
+        ctrl = DitP2PController(targets, L, 0.0, cross_replace, self_replace, blend=blend, cond_len=L)
+    else:
+        ctrl = P2PController(targets, 0.0, cross_replace, self_replace, blend=blend, prompt_len=L)
+    return attach(model, ctrl), [source_prompt] + tgt_texts
+
+
+def _clip_edits(clip, source_prompt, target_prompts, mode, reweight, word_windows, blend_source_words,
+                blend_target_words, blend_threshold, blend_start):
+    """The targets' edits (mappers, weights, windows) and local blend for an SD CLIP text encoder."""
     src = _Prompt(clip, source_prompt, "source_prompt")
     tgt_texts = [t.strip() for t in target_prompts.splitlines() if t.strip()]
     if mode == "reweight" and not tgt_texts:
@@ -233,8 +248,7 @@ def build_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cross_
         src_pos = sorted({p for w in sw for p in src.positions(w, "blend_source_words")})
         tgt_pos = [sorted({p for w in tw for p in tp.positions(w, "blend_target_words")}) for tp in tgt_prompts]
         blend = LocalBlendSpec(src_pos, tgt_pos, threshold=blend_threshold, start=blend_start)
-    ctrl = P2PController(targets, 0.0, cross_replace, self_replace, blend=blend, prompt_len=L)
-    return attach(model, ctrl), [source_prompt] + tgt_texts
+    return targets, blend, tgt_texts
 
 
 class PromptToPrompt(io.ComfyNode):

@@ -190,3 +190,45 @@ def test_dit_masactrl_target_keeps_its_layout_and_takes_the_source_appearance():
     assert r["n"] >= 10 and r["source_unchanged"], r
     assert r["target_shift_from_alone_px"] <= 1.5 and r["target_shift_from_source_px"] >= 3.0, r
     assert r["tone_gap"] <= 0.5 * r["tone_gap_alone"] and r["tone_closer"] >= 0.7 * r["n"], r
+
+
+@functools.lru_cache(maxsize=1)
+def dit_p2p_measure():
+    """Prompt-to-Prompt on the DiT (issue 18) at the node's defaults (replace, cross 0.8, self 0.4,
+    every block): colour swap red -> green of the circle; is the blue square kept (mask IoU with the
+    source), against the target caption sampled alone from the same noise?
+
+    Which blocks carry the layout, measured here (8 seeds, IoU of the kept square): every block 0.93,
+    the first half of the depth (2 double + 1 single) 0.86, the single blocks 0.85, the double blocks
+    0.79, the last half 0.73, the target alone 0.29: every block takes part, so the default is all.
+    The self window matters as on UNets: 0 -> 0.81 (and the swap shows in 4 of 8), 0.8 -> 0.99."""
+    from attention_control.nodes.p2p import PromptToPrompt
+    model, clip, _ = S.load_dit()
+    src, tgt = "a red circle and a blue square", "a green circle and a blue square"
+
+    def blue(rgb):
+        objs = [o for o in E.segment_objects(rgb) if o["colour"] == "blue"]
+        return objs[0]["mask"] if objs else None
+
+    ious, alone, swapped, seeds = [], [], 0, range(8)
+    for seed in seeds:
+        m, pos, neg, lat = _res(PromptToPrompt.execute(model, clip, M.latent(1, 32, 32), src, tgt, "replace", "", 0.8,
+                                                       "", 0.4, "", "", 0.3, 0.0, ""))
+        res = S.to_rgb(S.sample(m, pos, neg, lat, seed=seed, cfg=S.DIT_CFG))
+        plain = S.to_rgb(S.sample(model, S.encode(clip, [tgt]), S.encode(clip, [""]), M.latent(1, 32, 32), seed=seed,
+                                  cfg=S.DIT_CFG))
+        a, b, c = blue(res[0]), blue(res[1]), blue(plain[0])
+        if a is not None:
+            ious.append(E.mask_iou(a, b) if b is not None else 0.0)
+            alone.append(E.mask_iou(a, c) if c is not None else 0.0)
+        swapped += int(E.colour_present(res[1], "green") and not E.colour_present(res[1], "red"))
+    return {"n": len(ious), "iou": float(np.mean(ious)), "iou_alone": float(np.mean(alone)), "swapped": swapped,
+            "seeds": len(seeds)}
+
+
+def test_dit_p2p_swap_changes_the_colour_and_keeps_the_other_object():
+    r = dit_p2p_measure()
+    print(f"SEMANTIC dit_p2p {r}")
+    # measured (650-step weights): IoU 0.93 vs 0.29 alone, swapped in 7 of 8
+    assert r["n"] >= 6 and r["swapped"] >= 6, r
+    assert r["iou"] >= r["iou_alone"] + 0.4, r
