@@ -16,10 +16,11 @@ The rule per stream (rows are a target's; s is the source row of the same chunk)
       O_t[img] = softmax(Q_t[img] [K_t[txt]; K_s[img]]^T / sqrt(d)) [V_t[txt]; V_s[img]]
   so the target's prompt still steers (its text keys compete in the same softmax) while appearance
   comes from the source. The target's text-query rows keep their own attention (the host's output on
-  the target's own q, k, v), and so do the source rows. Run as the host's default call on the whole
-  batch, then one more fused host call for the target rows' image queries on the rebuilt keys and
-  values (the sequences keep their token order: image key columns are the source's); never explicit
-  probabilities. Extra work per acting call: the target rows' image queries once more.
+  the target's own q, k, v), and so do the source rows. Run as ONE host call on the whole batch whose
+  target rows carry the rebuilt keys and values (the sequences keep their token order: image key
+  columns are the source's), plus one fused call for the target rows' text queries on their own
+  keys; never explicit probabilities. Extra work per acting call: the targets' text queries once
+  more (1 + text / (text + image) x targets / batch of the host's attention).
 - mode "union" (as on UNets): the target's image queries attend to its own keys and the source's
   image keys: [K_t; K_s[img]] (joint) or [K_t; K_s] (image self), one softmax.
 
@@ -265,6 +266,8 @@ class DitMasaCtrlController(DitController):
                 m[tgt] = m.index_select(0, src)
             return call.default(q, k2, v2, mask=m)
 
+        if joint and self.mode == "mutual":
+            return self._joint_mutual(call, tgt, src)
         out = call.default()
         img = _seq(call, call.k_image)
         kt, vt = k.index_select(0, tgt), v.index_select(0, tgt)
@@ -282,6 +285,46 @@ class DitMasaCtrlController(DitController):
         else:                                                # (B, H, N, D): skip_output_reshape
             out[tgt, :, q_sel] = o2.to(out.dtype)
         return out
+
+    def _joint_mutual(self, call: DitCall, tgt: torch.Tensor, src: torch.Tensor):
+        """Joint calls, mutual mode, in one host call on the whole batch whose target rows carry the
+        source's image keys and values ([own text ; source image]: right for the targets' image
+        queries), plus one call for the targets' text queries on their own keys (they keep their
+        own attention): 1 + text / (text + image) x targets / batch of the host's attention."""
+        q, k, v = call.q, call.k, call.v
+        img = _seq(call, call.k_image)
+        kt, vt = k.index_select(0, tgt), v.index_select(0, tgt)
+        q_txt = q.index_select(0, tgt)[_seq(call, call.q_text)]
+        own = call.default(q_txt, kt, vt, mask=self._own_mask(call, tgt, call.q_text))
+        kt[img] = k.index_select(0, src)[img]
+        vt[img] = v.index_select(0, src)[img]
+        k2, v2 = k.index_copy(0, tgt, kt), v.index_copy(0, tgt, vt)
+        del kt, vt
+        m = host_mask(call.mask)
+        if m is None:
+            m = ...
+        elif m.shape[0] > 1:
+            kimg = (slice(None),) * (m.ndim - 1) + (call.k_image,)
+            mt = m.index_select(0, tgt).clone()
+            mt[kimg] = m.index_select(0, src)[kimg]
+            m = m.index_copy(0, tgt, mt)
+        out = call.default(q, k2, v2, mask=m)
+        if out.ndim == 3:                                    # (B, N, H*D)
+            out[tgt, call.q_text] = own.to(out.dtype)
+        else:                                                # (B, H, N, D): skip_output_reshape
+            out[tgt, :, call.q_text] = own.to(out.dtype)
+        return out
+
+    @staticmethod
+    def _own_mask(call: DitCall, tgt: torch.Tensor, q_sel: slice):
+        """The host mask of the target rows, for the queries `q_sel`; ... where the call has none."""
+        m = host_mask(call.mask)
+        if m is None:
+            return ...
+        nq = call.q.shape[_seq_dim(call)]
+        if m.shape[-2] == nq:
+            m = m[..., q_sel, :]
+        return m if m.shape[0] == 1 else m.index_select(0, tgt)
 
     # -- mask guidance
     def _token_masks(self, call: DitCall, d) -> torch.Tensor | None:
