@@ -21,7 +21,7 @@ test-semantic: venv
 	$(PY) -m pytest -q -s tests/test_semantic_shapes.py tests/test_semantic_dit.py $(PYTEST_ARGS)
 
 demo: venv
-	$(PY) -m devtools.demo $(if $(CKPT),--ckpt "$(CKPT)",)
+	$(PY) -m devtools.demo $(if $(CKPT),--ckpt "$(CKPT)",) $(if $(MODELS),--models "$(MODELS)",)
 
 bench: venv
 	$(PY) -m bench.run

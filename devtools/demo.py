@@ -1,8 +1,9 @@
 """Run every example workflow on the real ComfyUI server and collect the images.
 
-    python -m devtools.demo [--ckpt PATH] [--model auto|shapes|tiny] [--out out] [--steps N] [--only NAME] [--thumbnails]
+    python -m devtools.demo [--ckpt PATH] [--models DIR] [--model auto|shapes|tiny] [--out out] [--steps N]
+                            [--only NAME] [--thumbnails]
 
-(`make demo [CKPT=...]`). Starts ComfyUI 0.3.75 with this pack (devtools.server), converts each
+(`make demo [CKPT=...] [MODELS=...]`). Starts ComfyUI 0.3.75 with this pack (devtools.server), converts each
 example_workflows/*.json to the API format (devtools.workflow), chooses the model, runs it, copies the
 images into out/<workflow-name>/ and writes out/contact_sheet.png. Exits 1 if any workflow fails.
 
@@ -12,12 +13,18 @@ shapes-world model, outputs MODEL, CLIP, VAE like CheckpointLoaderSimple), each 
 is replaced by it; failing that, the tiny random SD1.5 checkpoint (devtools.tiny_checkpoint) is used.
 --model tiny (or ATTNCTL_DEMO_MODEL=tiny, which the e2e tests also read) forces the tiny checkpoint.
 --thumbnails also writes example_workflows/<name>.jpg from the outputs.
+
+Workflows whose own loaders (UNETLoader, CLIPLoader, VAELoader, ...: the video_p2p_wan example) name model
+files the server does not have are skipped with one log line; --models DIR (a ComfyUI-style models folder
+with diffusion_models/, text_encoders/, vae/ ...) makes its files available to them.
 """
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import logging
+import tempfile
 import os
 import shutil
 import subprocess
@@ -31,7 +38,9 @@ log = logging.getLogger("attention_control.devtools.demo")
 WORKFLOW_DIR = os.path.join(REPO, "example_workflows")
 SHAPES_LOADER = "AttnCtl_ShapesWorldLoader"
 CKPT_LOADER = "CheckpointLoaderSimple"
-SAMPLER_TYPES = ("KSampler", "KSamplerAdvanced", "AttnCtl_DDIMInversion")   # nodes whose steps must agree
+# nodes whose steps must agree
+SAMPLER_TYPES = ("KSampler", "KSamplerAdvanced", "AttnCtl_DDIMInversion", "AttnCtl_FlowInversion", "BasicScheduler")
+MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras")
 
 
 def example_workflows() -> list[str]:
@@ -110,6 +119,43 @@ def override_steps(api: dict, steps: int) -> dict:
     return api
 
 
+def _combo_options(spec) -> list | None:
+    if not isinstance(spec, (list, tuple)) or not spec:
+        return None
+    if isinstance(spec[0], list):
+        return spec[0]
+    opts = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return opts.get("options") if spec[0] == "COMBO" else None
+
+
+def missing_model_files(api: dict, object_info: dict) -> list[str]:
+    """'Node.input = file' for every loader input (a node of a loaders category) of an API prompt whose
+    file is not among the server's choices: the workflow needs model files this server lacks."""
+    out = []
+    for node in api.values():
+        node_def = object_info.get(node["class_type"]) or {}
+        if "loaders" not in str(node_def.get("category", "")):
+            continue
+        specs = {**(node_def.get("input", {}).get("required") or {}), **(node_def.get("input", {}).get("optional") or {})}
+        for name, value in node["inputs"].items():
+            options = _combo_options(specs.get(name))
+            if isinstance(value, str) and options is not None and value not in options:
+                out.append(f"{node['class_type']}.{name} = {value}")
+    return out
+
+
+def extra_model_paths(models_dir: str, dest_dir: str) -> str:
+    """An extra_model_paths.yaml (ComfyUI's --extra-model-paths-config) for a ComfyUI-style models folder."""
+    path = os.path.join(dest_dir, "attnctl_demo_models.yaml")
+    base = os.path.abspath(models_dir)
+    with open(path, "w") as f:
+        f.write("attnctl_demo:\n")
+        f.write(f"    base_path: {json.dumps(base)}\n")
+        for sub in MODEL_FOLDERS:
+            f.write(f"    {sub}: {sub}\n")
+    return path
+
+
 def build_prompt(path: str, object_info: dict, model: dict, steps: int | None = None) -> dict:
     from devtools.workflow import load, ui_to_api
     api = ui_to_api(load(path), object_info)
@@ -185,7 +231,8 @@ def thumbnail(paths: list[str], dest: str, height: int = 160, max_bytes: int = 6
 
 # ------------------------------------------------------------------------------------------ main
 def run_demo(ckpt: str | None = None, out_dir: str = "out", steps: int | None = None, only: list[str] | None = None,
-             thumbnails: bool = False, timeout: float = 600.0, model_kind: str | None = None) -> int:
+             thumbnails: bool = False, timeout: float = 600.0, model_kind: str | None = None,
+             models_dir: str | None = None) -> int:
     from devtools.server import ComfyServer, PromptFailed, PromptRejected, ServerError
 
     workflows = [p for p in example_workflows() if not only or workflow_name(p) in only]
@@ -194,8 +241,11 @@ def run_demo(ckpt: str | None = None, out_dir: str = "out", steps: int | None = 
         return 1
     os.makedirs(out_dir, exist_ok=True)
     failures = []
+    skipped = []
     groups = []
-    server = ComfyServer()
+    tmp = tempfile.mkdtemp(prefix="attnctl-demo-")
+    extra = ["--extra-model-paths-config", extra_model_paths(models_dir, tmp)] if models_dir else []
+    server = ComfyServer(extra_args=extra)
     try:
         server.start()
         log.info("ComfyUI is up at %s; pack nodes: %s", server.url, ", ".join(server.pack_nodes()))
@@ -206,6 +256,12 @@ def run_demo(ckpt: str | None = None, out_dir: str = "out", steps: int | None = 
             t0 = time.monotonic()
             try:
                 api = build_prompt(path, server.object_info, model, steps)
+                missing = missing_model_files(api, server.object_info)
+                if missing:
+                    log.warning("%s: skipped: needs model files this server lacks (%s); give a ComfyUI models "
+                                "folder holding them with --models DIR (make demo MODELS=DIR)", name, ", ".join(missing))
+                    skipped.append(name)
+                    continue
                 entry = server.run(api, timeout=timeout)
             except (PromptRejected, PromptFailed, ServerError, ValueError) as e:
                 log.error("%s: FAILED: %s", name, e)
@@ -234,13 +290,15 @@ def run_demo(ckpt: str | None = None, out_dir: str = "out", steps: int | None = 
         return 1
     finally:
         server.cleanup()
+        shutil.rmtree(tmp, ignore_errors=True)
     if groups:
         sheet = contact_sheet(groups, os.path.join(out_dir, "contact_sheet.png"))
         log.info("contact sheet: %s", sheet)
     if failures:
         log.error("%d of %d workflows failed: %s", len(failures), len(workflows), ", ".join(failures))
         return 1
-    log.info("all %d workflows ran", len(workflows))
+    log.info("all %d workflows ran%s", len(workflows) - len(skipped),
+             f" ({len(skipped)} skipped for want of model files: {', '.join(skipped)})" if skipped else "")
     return 0
 
 
@@ -248,6 +306,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description="Run every example workflow on the real ComfyUI server.")
     ap.add_argument("--ckpt", help="a checkpoint file for every CheckpointLoaderSimple")
     ap.add_argument("--out", default=os.path.join(REPO, "out"), help="output folder (default: out/)")
+    ap.add_argument("--models", help="a ComfyUI-style models folder (diffusion_models/, text_encoders/, vae/ ...) "
+                                     "for the workflows with their own loaders (video_p2p_wan)")
     ap.add_argument("--model", choices=("auto", "shapes", "tiny"), default=None,
                     help="default model when --ckpt is not given: auto (AttnCtl_ShapesWorldLoader if the pack offers "
                          "it, else the tiny random SD1.5 checkpoint; env ATTNCTL_DEMO_MODEL), shapes or tiny")
@@ -259,7 +319,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     if a.ckpt and not os.path.isfile(a.ckpt):
         ap.error(f"--ckpt: no such file: {a.ckpt}")
-    return run_demo(a.ckpt, a.out, a.steps, a.only, a.thumbnails, a.timeout, a.model)
+    if a.models and not os.path.isdir(a.models):
+        ap.error(f"--models: no such folder: {a.models}")
+    return run_demo(a.ckpt, a.out, a.steps, a.only, a.thumbnails, a.timeout, a.model, a.models)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,13 @@ class Graph:
             self.nodes[src - 1]["outputs"][slot]["links"].append(lid)
         return nid
 
+    def note(self, text, title="About this workflow"):
+        """A Note node (front end only: the API conversion drops it) with what the workflow does."""
+        nid = self.add("Note", [text], title=title)
+        self.nodes[-1]["size"] = [320, 480]
+        self.nodes[-1]["color"], self.nodes[-1]["bgcolor"] = "#432", "#653"
+        return nid
+
     def dump(self, path):
         name = os.path.splitext(os.path.basename(path))[0]
         # the front end validates workflow ids as UUIDs: a stable one per example
@@ -81,16 +88,19 @@ def capture(name, prompt, words, load=loader, cfg=7.0):
     return g
 
 
-def p2p(name, source, targets, mode, reweight="", blend_src="", blend_tgt=""):
+def p2p(name, source, targets, mode, reweight="", blend_src="", blend_tgt="", load=loader, cfg=6.0, seed=42,
+        note=None, title=None):
     g = Graph()
-    ck = loader(g)
+    if note:
+        g.note(note)
+    ck = load(g)
     lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
     edit = g.add("AttnCtl_PromptToPrompt",
                  [source, targets, mode, reweight, 0.8, "", 0.4, blend_src, blend_tgt, 0.3, 0.0, ""],
                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (lat, 0, "LATENT")},
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                          ("latent", "LATENT")])
-    return sample_and_save(g, name, ck, (edit, 0), (edit, 1), (edit, 2), (edit, 3))
+                          ("latent", "LATENT")], title=title)
+    return sample_and_save(g, name, ck, (edit, 0), (edit, 1), (edit, 2), (edit, 3), seed=seed, cfg=cfg)
 
 
 def layout(name, prompt, box_text, mode="backward"):
@@ -207,6 +217,91 @@ def collage(name, layers):
     return sample_and_save(g, name, ck, (col, 0), (col, 1), (neg, 0), (col, 2))
 
 
+P2P_OUTPUTS = [("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"), ("latent", "LATENT")]
+
+
+def flow_inversion_edit(name, image, source, target, steps=20, cfg=5.0, eta=0.0, note=None):
+    """A real image edited with Prompt-to-Prompt on a rectified-flow DiT: LoadImage -> VAEEncode -> Flow
+    Inversion -> Prompt-to-Prompt on the inverted latent -> Replay Source (+ RF-Inversion guidance when
+    eta > 0) -> SamplerCustomAdvanced from the inversion's noise (euler, the inversion's steps and
+    scheduler: KSamplerAdvanced with add_noise off cannot start a flow model from a latent)."""
+    g = Graph()
+    if note:
+        g.note(note)
+    ck = dit_loader(g)
+    img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title="Real image")
+    enc = g.add("VAEEncode", [], inputs={"pixels": (img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
+                outputs=[("LATENT", "LATENT")])
+    pos = g.add("CLIPTextEncode", [source], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Caption of the image (inversion prompt)")
+    inv = g.add("AttnCtl_FlowInversion", [steps, "simple", 0.0, 0, "fixed"],
+                inputs={"model": (ck, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"), "latent": (enc, 0, "LATENT")},
+                outputs=[("latent", "LATENT"), ("trajectory", "TRAJECTORY"), ("noise", "NOISE")],
+                title="Flow Inversion (image -> noise)")
+    edit = g.add("AttnCtl_PromptToPrompt",
+                 [source, target, "replace", "", 0.8, "", 0.4, "", "", 0.3, 0.0, ""],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (inv, 0, "LATENT")},
+                 outputs=P2P_OUTPUTS, title="Prompt-to-Prompt (source = the image's caption)")
+    model = g.add("AttnCtl_ReplaySource", [], inputs={"model": (edit, 0, "MODEL"), "trajectory": (inv, 1, "TRAJECTORY")},
+                  outputs=[("model", "MODEL")], title="Replay Source (item 0 = the real image)")
+    if eta > 0:
+        model = g.add("AttnCtl_RFInversionGuidance", [eta, 0, max(1, steps // 4)],
+                      inputs={"model": (model, 0, "MODEL"), "trajectory": (inv, 1, "TRAJECTORY")},
+                      outputs=[("model", "MODEL")])
+    guider = g.add("CFGGuider", [cfg], inputs={"model": (model, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
+                                               "negative": (edit, 2, "CONDITIONING")},
+                   outputs=[("GUIDER", "GUIDER")], title=f"CFGGuider (cfg {cfg:g})")
+    smp = g.add("KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")])
+    sig = g.add("BasicScheduler", ["simple", steps, 1.0], inputs={"model": (ck, 0, "MODEL")},
+                outputs=[("SIGMAS", "SIGMAS")], title="BasicScheduler (the inversion's steps and scheduler)")
+    ks = g.add("SamplerCustomAdvanced", [],
+               inputs={"noise": (inv, 2, "NOISE"), "guider": (guider, 0, "GUIDER"), "sampler": (smp, 0, "SAMPLER"),
+                       "sigmas": (sig, 0, "SIGMAS"), "latent_image": (edit, 3, "LATENT")},
+               outputs=[("output", "LATENT"), ("denoised_output", "LATENT")],
+               title="SamplerCustomAdvanced (from the inverted noise)")
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
+WAN_FILES = {"unet": "wan2.1_t2v_1.3B_fp16.safetensors", "clip": "umt5_xxl_fp8_e4m3fn_scaled.safetensors",
+             "vae": "wan_2.1_vae.safetensors"}
+
+
+def video_p2p_wan(name, source, target, note=None, width=832, height=480, length=33, steps=30, cfg=6.0):
+    """Video-P2P on Wan 2.1 t2v: ComfyUI's Wan loaders -> Prompt-to-Prompt on an empty video latent
+    (source and target videos from one noise) -> KSampler -> one VAEDecode + animated WEBP per video."""
+    g = Graph()
+    if note:
+        g.note(note)
+    unet = g.add("UNETLoader", [WAN_FILES["unet"], "default"], outputs=[("MODEL", "MODEL")],
+                 title="Load Wan 2.1 t2v (models/diffusion_models)")
+    clip = g.add("CLIPLoader", [WAN_FILES["clip"], "wan", "default"], outputs=[("CLIP", "CLIP")],
+                 title="Load umt5 xxl (models/text_encoders)")
+    vae = g.add("VAELoader", [WAN_FILES["vae"]], outputs=[("VAE", "VAE")], title="Load Wan VAE (models/vae)")
+    shift = g.add("ModelSamplingSD3", [8.0], inputs={"model": (unet, 0, "MODEL")}, outputs=[("MODEL", "MODEL")],
+                  title="ModelSamplingSD3 (Wan's shift 8)")
+    lat = g.add("EmptyHunyuanLatentVideo", [width, height, length, 1], outputs=[("LATENT", "LATENT")],
+                title=f"Empty video latent ({length} frames)")
+    edit = g.add("AttnCtl_PromptToPrompt",
+                 [source, target, "replace", "", 0.8, "", 0.4, "", "", 0.3, 0.0, ""],
+                 inputs={"model": (shift, 0, "MODEL"), "clip": (clip, 0, "CLIP"), "latent": (lat, 0, "LATENT")},
+                 outputs=P2P_OUTPUTS, title="Video-P2P (every frame, one noise)")
+    ks = g.add("KSampler", [42, "fixed", steps, cfg, "uni_pc", "simple", 1.0],
+               inputs={"model": (edit, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
+                       "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
+               outputs=[("LATENT", "LATENT")])
+    for i, label in ((0, "source"), (1, "edited")):
+        one = g.add("LatentFromBatch", [i, 1], inputs={"samples": (ks, 0, "LATENT")}, outputs=[("LATENT", "LATENT")],
+                    title=f"The {label} video (batch item {i})")
+        dec = g.add("VAEDecode", [], inputs={"samples": (one, 0, "LATENT"), "vae": (vae, 0, "VAE")},
+                    outputs=[("IMAGE", "IMAGE")])
+        g.add("SaveAnimatedWEBP", [f"AttnCtl/{name}_{label}", 16.0, False, 90, "default"],
+              inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
 def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42, cfg=6.0):
     """KSampler (seed 42, 20 euler steps, cfg 6) -> VAEDecode -> SaveImage; inputs are (node, slot)."""
     ks = g.add("KSampler", [seed, "fixed", 20, cfg, "euler", "normal", 1.0],
@@ -219,7 +314,50 @@ def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42, cfg
     return g
 
 
+NOTE_P2P_DIT = (
+    "Prompt-to-Prompt on a DiT (joint attention). One batch [source, target] from one noise: during the first "
+    "cross_replace of the steps the target's image-query x text-key attention is the source's (mapped word to "
+    "word), and during the first self_replace its image-to-image block is the source's, so the target keeps the "
+    "source's layout and only the swapped word changes.\n\n"
+    "Try: another colour or shape in target_prompts (one target per line); mode refine (add words) or reweight "
+    "('blue: 3'); cross_replace 0.8 and self_replace 0.4 are the defaults (self 0 keeps less of the layout, "
+    "0.8 more); blend_source_words / blend_target_words 'red circle' / 'green circle' to keep every pixel "
+    "outside the circle. The shapes-world DiT is a Flux-class model: cfg 5.")
+
+NOTE_REAL_DIT = (
+    "A real image edited on a rectified-flow DiT. Flow Inversion integrates the model's ODE backwards from the "
+    "encoded image to the noise that regenerates it; Prompt-to-Prompt builds [source, target] on the inverted "
+    "latent; Replay Source keeps item 0 on the inversion's trajectory (it comes back as the image itself) so the "
+    "target takes the real image's attention; SamplerCustomAdvanced starts from the inversion's noise output "
+    "with euler and the inversion's steps and scheduler (KSamplerAdvanced with add_noise off cannot start a "
+    "flow model from a latent).\n\n"
+    "Try: your own image (LoadImage, 256x256 for the shapes-world DiT) with its caption in both the CLIPTextEncode "
+    "and source_prompt; another colour in target_prompts; Flow Inversion gamma 0.5 (RF-Inversion's controlled "
+    "inversion: more editable, less exact); an AttnCtl_RFInversionGuidance node after Replay Source (eta 0.9, "
+    "steps 0-5) to pull the edit toward the image; more steps (both nodes) for a closer reconstruction.")
+
+NOTE_WAN = (
+    "Video-P2P on Wan 2.1 text-to-video: the Prompt-to-Prompt node on a video latent makes a [source, target] "
+    "batch of two videos from one noise and applies the same attention edit to every frame (the DiT's joint "
+    "attention over all frames' tokens), so the edited object changes in every frame and the rest stays.\n\n"
+    "Needs Wan 2.1 t2v 1.3B: wan2.1_t2v_1.3B_fp16.safetensors in models/diffusion_models, "
+    "umt5_xxl_fp8_e4m3fn_scaled.safetensors in models/text_encoders, wan_2.1_vae.safetensors in models/vae "
+    "(make demo MODELS=<a ComfyUI models folder> runs it; without them the demo skips it).\n\n"
+    "Try: another colour or object in target_prompts; self_replace 0.2-0.6 (how much of the motion and layout is "
+    "kept); fewer frames (length 17) or 480x320 for a quick look; blend words to keep the background pixel for "
+    "pixel.")
+
 WORKFLOWS = {
+    "p2p_dit": lambda: p2p("p2p_dit", "a red circle and a blue square", "a green circle and a blue square",
+                           "replace", load=dit_loader, cfg=5.0, seed=5, note=NOTE_P2P_DIT,
+                           title="Prompt-to-Prompt (joint attention)"),
+    "real_image_edit_dit": lambda: flow_inversion_edit("real_image_edit_dit", "attnctl_shapes_example.png",
+                                                       "a blue square and a red circle",
+                                                       "a blue square and a green circle", note=NOTE_REAL_DIT),
+    "video_p2p_wan": lambda: video_p2p_wan("video_p2p_wan",
+                                           "a red car driving along a coastal road, sunny day, cinematic",
+                                           "a blue car driving along a coastal road, sunny day, cinematic",
+                                           note=NOTE_WAN),
     "capture_attention_dit": lambda: capture("capture_attention_dit", "a red circle and a blue square",
                                              "red, blue, circle, square", load=dit_loader, cfg=5.0),
     "region_prompts_dit": lambda: region_prompts("region_prompts_dit",
@@ -270,11 +408,34 @@ def collage_inputs(out_dir):
         Image.fromarray(a, "RGBA").save(os.path.join(out_dir, f"attnctl_collage_{name}.png"))
 
 
+# examples the demo cannot run without model files the pack does not ship: a text card as their thumbnail
+CARD_THUMBNAILS = {
+    "video_p2p_wan": ["Video-P2P on Wan 2.1 t2v 1.3B", "source video + edited video (every frame)",
+                      "needs Wan 2.1 weights: make demo MODELS=<dir>"],
+}
+
+
+def card_thumbnail(dest, lines, size=(480, 160)):
+    """A JPEG text card (dark, like the demo's thumbnail strips)."""
+    from PIL import Image, ImageDraw
+
+    from devtools.demo import _font
+    im = Image.new("RGB", size, (24, 24, 24))
+    draw = ImageDraw.Draw(im)
+    font = _font(18)
+    for i, line in enumerate(lines):
+        draw.text((16, 28 + 38 * i), line, fill=(235, 235, 235) if i == 0 else (170, 170, 170), font=font)
+    im.save(dest, "JPEG", quality=85, optimize=True)
+    return dest
+
+
 def main():
     out_dir = os.path.join(REPO, "example_workflows")
     collage_inputs(os.path.join(out_dir, "input"))
     for name, build in WORKFLOWS.items():
         build().dump(os.path.join(out_dir, f"{name}.json"))
+    for name, lines in CARD_THUMBNAILS.items():
+        card_thumbnail(os.path.join(out_dir, f"{name}.jpg"), lines)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import os
 import pytest
 
 from ac_server import RUN_TIMEOUT, comfy_server  # noqa: F401  (fixture)
-from devtools.demo import example_workflows, workflow_name
+from devtools.demo import example_workflows, missing_model_files, workflow_name
 from devtools.server import execution_error_message
 from devtools.workflow import nodes_of_type
 
@@ -26,6 +26,9 @@ def test_pack_nodes_are_served(comfy_server):
 def test_example_workflow_runs_and_writes_images(comfy_server, path):
     srv = comfy_server.server
     api = comfy_server.prompt(path)
+    missing = missing_model_files(api, srv.object_info)
+    if missing:                   # e.g. video_p2p_wan: Wan weights (the demo skips it the same way)
+        pytest.skip(f"needs model files: {missing}")
     entry = srv.run(api, timeout=RUN_TIMEOUT)
     images = srv.output_images(entry)
     assert images, f"{workflow_name(path)} wrote no images: {entry.get('outputs')}"
