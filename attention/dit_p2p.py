@@ -39,7 +39,8 @@ with a transformed V~ yields any mix of one row's two blocks:
 
 (the first term is A_s X V_t,text (+ B_s V_t,img), the second A_t diag(y) V_t,text (+ B_t V_t,img)).
 The first runs in the host's call over the whole batch, the target rows' q / k replaced by the
-source's and their v by V~ (nothing is added: no extra call); it is skipped where X = 0 and the
+source's and their v by V~ (nothing is added: no extra call; the rows are swapped in the host's
+own q / k / v and restored after the call, so the only copies are the target rows'); it is skipped where X = 0 and the
 self window is off (the target's image rows are then the second term alone). The second runs only
 where y != 0 or the self window is off, on the target rows' image queries. The target rows'
 text queries run as one more call on those queries alone (T x (T + N) scores per head). So the
@@ -292,10 +293,30 @@ class DitP2PController(DitController):
     def _inject_self(self, call, d, chunks):
         """Image self-attention (Wan, SD3.5): the targets take attn(Q_src, K_src, V_tgt)."""
         tgt, src = self._rows(call, chunks)
-        q = call.q.index_copy(0, tgt, call.q.index_select(0, src))
-        k = call.k.index_copy(0, tgt, call.k.index_select(0, src))
         d["fired"][call.site.block] = d["fired"].get(call.site.block, 0) + 1
-        return call.default(q, k, call.v, mask=self._mask(call, swap=(tgt, src)))
+        mask = self._mask(call, swap=(tgt, src))
+        q, k = call.q, call.k
+        if not self._writable(call):
+            return call.default(q.index_copy(0, tgt, q.index_select(0, src)),
+                                k.index_copy(0, tgt, k.index_select(0, src)), call.v, mask=mask)
+        q_t, k_t = q.index_select(0, tgt), k.index_select(0, tgt)
+        q.index_copy_(0, tgt, q.index_select(0, src))
+        k.index_copy_(0, tgt, k.index_select(0, src))
+        try:
+            return call.default(q, k, call.v, mask=mask)
+        finally:                                              # the host's tensors as they came
+            q.index_copy_(0, tgt, q_t)
+            k.index_copy_(0, tgt, k_t)
+
+    @staticmethod
+    def _writable(call) -> bool:
+        """Whether the edit may swap rows of the call's own q / k / v in place (and restore them):
+        plain inference tensors that are not one another; else it works on copies."""
+        q, k, v = call.q, call.k, call.v
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+            return False
+        keys = {(t.untyped_storage().data_ptr(), t.storage_offset()) for t in (q, k, v)}
+        return len(keys) == 3
 
     def _edited(self, call, chunks, X, y, no_edit, no_own, all_own, self_on):
         site = call.site
@@ -305,53 +326,80 @@ class DitP2PController(DitController):
         q, k, v = call.q, call.k, call.v
         ts = call.k_text
         joint = site.stream == "joint"
-        vt = v.index_select(0, tgt)                           # the target rows' values (a copy)
-        text = _pick(vt, ax, ts)
+        q_t, k_t, v_t = (t.index_select(0, tgt) for t in (q, k, v))     # the target rows (copies)
+        text = _pick(v_t, ax, ts)
         edit_piece = not no_edit or self_on
         own_piece = not no_own or (joint and not self_on)
         if edit_piece:
-            # attn(Q_src, K_src, [X V_text ; V_img or 0]) in the host's call over the whole batch
-            v_edit = vt.clone() if self_on else torch.zeros_like(vt)
-            if not no_edit:
-                _pick(v_edit, ax, ts).copy_(_token_matmul(X.repeat(n_chunks, 1, 1), text, ax))
+            # attn(Q_src, K_src, [X V_text ; V_img or 0]) in the host's call over the whole batch:
+            # the target rows of q / k take the source's, those of v the edited values
+            new_text = None if no_edit else _token_matmul(X.repeat(n_chunks, 1, 1), text, ax)
+            mask = self._mask(call, swap=(tgt, src))
+            if self._writable(call):
+                q.index_copy_(0, tgt, q.index_select(0, src))
+                k.index_copy_(0, tgt, k.index_select(0, src))
+                for i, r in enumerate(tgt.tolist()):          # v's target rows are V_t: edit them there
+                    if not self_on:
+                        v[r].zero_()
+                    vr = _pick(v[r], ax - 1, ts)
+                    vr.zero_() if new_text is None else vr.copy_(new_text[i])
+                del new_text
+                try:
+                    out = call.default(q, k, v, mask=mask)
+                finally:                                      # the host's tensors as they came
+                    q.index_copy_(0, tgt, q_t)
+                    k.index_copy_(0, tgt, k_t)
+                    v.index_copy_(0, tgt, v_t)
             else:
-                _pick(v_edit, ax, ts).zero_()
-            q2 = q.index_copy(0, tgt, q.index_select(0, src))
-            k2 = k.index_copy(0, tgt, k.index_select(0, src))
-            v2 = v.index_copy(0, tgt, v_edit)
-            out = call.default(q2, k2, v2, mask=self._mask(call, swap=(tgt, src)))
+                v_edit = v_t.clone() if self_on else torch.zeros_like(v_t)
+                vr = _pick(v_edit, ax, ts)
+                vr.zero_() if new_text is None else vr.copy_(new_text)
+                del new_text
+                out = call.default(q.index_copy(0, tgt, q.index_select(0, src)),
+                                   k.index_copy(0, tgt, k.index_select(0, src)),
+                                   v.index_copy(0, tgt, v_edit), mask=mask)
+                del v_edit
+            del mask
         else:
             out = call.default()
         oax = 2 if out.ndim == 4 else 1
         qi = call.q_image if joint else slice(0, out.shape[oax])
-        o_t = out.index_select(0, tgt)
+        rows = tgt.tolist()
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
+        o_t = out.narrow(0, rows[0], len(rows)) if contiguous else out.index_select(0, tgt)
         o_img = _pick(o_t, oax, qi)
+        if joint and edit_piece:
+            # the target rows' other queries (text, Kontext references) keep their own attention
+            nq = q.shape[ax]
+            rest = [s for s in (slice(0, qi.start), slice(qi.stop, nq)) if s.stop > s.start]
+            if len(rest) == 1:
+                own_q = call.default(_pick(q_t, ax, rest[0]), k_t, v_t,
+                                     mask=self._mask(call, rows=tgt, queries=rest[0]))
+                _pick(o_t, oax, rest[0]).copy_(own_q)
+            elif rest:
+                own_q = call.default(q_t, k_t, v_t, mask=self._mask(call, rows=tgt))
+                for s in rest:
+                    _pick(o_t, oax, s).copy_(_pick(own_q, oax, s))
         if own_piece:
             # attn(Q_tgt, K_tgt, [diag(y) V_text ; V_img or 0]) on the target rows' image queries
-            v_own = torch.zeros_like(vt) if self_on else vt.clone()
-            _pick(v_own, ax, ts).copy_(text if y is None else _token_scale(y.repeat(n_chunks, 1), text, ax))
-            q_own = _pick(q.index_select(0, tgt), ax, qi) if joint else q.index_select(0, tgt)
-            own = call.default(q_own, k.index_select(0, tgt), v_own, mask=self._mask(call, rows=tgt, queries=qi))
+            v_own = v_t                                       # v_t is not needed after this call
+            scaled = None if y is None else _token_scale(y.repeat(n_chunks, 1), text, ax)
+            if self_on:
+                scaled = text.clone() if scaled is None else scaled
+                v_own.zero_()
+            if scaled is not None:
+                text.copy_(scaled)
+            del scaled
+            q_own = _pick(q_t, ax, qi) if joint else q_t
+            own = call.default(q_own, k_t, v_own, mask=self._mask(call, rows=tgt, queries=qi))
             if edit_piece:
                 o_img.add_(own)
             else:
                 o_img.copy_(own)
         elif not edit_piece:                                  # X = 0 and y = 0: nothing left of A
             o_img.zero_()
-        if joint and edit_piece:
-            # the target rows' other queries (text, Kontext references) keep their own attention
-            nq = q.shape[ax]
-            rest = [s for s in (slice(0, qi.start), slice(qi.stop, nq)) if s.stop > s.start]
-            if len(rest) == 1:
-                own_q = call.default(_pick(q.index_select(0, tgt), ax, rest[0]), k.index_select(0, tgt), vt,
-                                     mask=self._mask(call, rows=tgt, queries=rest[0]))
-                _pick(o_t, oax, rest[0]).copy_(own_q)
-            elif rest:
-                own_q = call.default(q.index_select(0, tgt), k.index_select(0, tgt), vt,
-                                     mask=self._mask(call, rows=tgt))
-                for s in rest:
-                    _pick(o_t, oax, s).copy_(_pick(own_q, oax, s))
-        out.index_copy_(0, tgt, o_t)
+        if not contiguous:
+            out.index_copy_(0, tgt, o_t)
         return out
 
     # -- local blend

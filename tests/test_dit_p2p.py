@@ -28,7 +28,8 @@ def heads4(t, call):
 
 
 class Rec(DitP2PController):
-    """The controller, recording each call it edits: inputs, its output and the host's plain output."""
+    """The controller, recording each call it edits: inputs, its output and the host's plain output;
+    it checks that the host's q / k / v are as they came after the edit (rows are swapped in place)."""
 
     def __init__(self, *a, **kw):
         super().__init__(*a, **kw)
@@ -37,6 +38,8 @@ class Rec(DitP2PController):
     def attend(self, call):
         q, k, v = (call.split_heads(t).double().clone() for t in (call.q, call.k, call.v))
         out = super().attend(call)
+        for name, before in (("q", q), ("k", k), ("v", v)):    # rows swapped in place come back
+            assert torch.equal(call.split_heads(getattr(call, name)).double(), before), name
         if out is not None:
             plain = call.default()
             self.log.append(dict(q=q, k=k, v=v, out=heads4(out, call).double(), plain=heads4(plain, call).double(),
