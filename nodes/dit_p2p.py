@@ -85,6 +85,13 @@ def build_dit_p2p(model, clip, source_prompt, target_prompts, mode, reweight, cr
                 f"target_prompts (line {i + 1}): the prompt encodes to {tc.length} context tokens and the source "
                 f"to {C}; Prompt-to-Prompt samples them in one batch, so they need the same length (shorten the "
                 "longer prompt, or use a model whose text encoder pads)")
+        if tc.cond_length != src.cond_length:
+            # Flux.2 left-pads each prompt to 512 rows inside the model: unequal token counts shift
+            # every token of one prompt against the other's, which no mapper of one batch can undo
+            raise AttentionControlError(
+                f"target_prompts (line {i + 1}): the prompt has {tc.cond_length} tokens and the source "
+                f"{src.cond_length}; {src.family} pads each prompt on the left inside the model, so the "
+                "prompts need the same token count (swap words of the same token length, or add a word)")
         if mode == "replace":
             blocks = []
             for sp, tp in zip(src.parts, tc.parts):

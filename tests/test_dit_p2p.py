@@ -422,3 +422,14 @@ def test_node_model_samples_the_identity_edit_bit_for_bit():
     ctrl = DitP2PController([_edit(256, "identity")], 256, 0.0, 1.0, 1.0)
     out = sample(attach(t.patcher, ctrl), noise, pos, neg, torch.zeros_like(noise), steps=2)
     assert torch.equal(out[1], out[0])
+
+
+def test_flux2_prompts_of_unequal_token_counts_are_refused():
+    """Flux.2 left-pads each prompt to 512 rows inside the model: prompts of equal token count map
+    (the context is 512 rows), unequal counts would shift one prompt against the other and are
+    refused with the token counts named."""
+    ctrl, _, _ = _node("Flux.2", "a green circle and a blue square")
+    assert ctrl.prompt_len == 512
+    with pytest.raises(AttentionControlError, match=r"^target_prompts \(line 1\): the prompt has \d+ tokens and the "
+                                                    r"source \d+; Flux.2 pads"):
+        _node("Flux.2", "a big red circle and a blue square", "refine")
