@@ -40,9 +40,10 @@ with a transformed V~ yields any mix of one row's two blocks:
 (the first term is A_s X V_t,text (+ B_s V_t,img), the second A_t diag(y) V_t,text (+ B_t V_t,img)).
 The first runs in the host's call over the whole batch, the target rows' q / k replaced by the
 source's and their v by V~ (nothing is added: no extra call; the rows are swapped in the host's
-own q / k / v and restored after the call, so the only copies are the target rows'); it is skipped where X = 0 and the
-self window is off (the target's image rows are then the second term alone). The second runs only
-where y != 0 or the self window is off, on the target rows' image queries. The target rows'
+own q / k / v and restored after the call, so the only copies are the target rows'); it is
+skipped where X = 0 and the self window is off (the target's image rows are then the second term
+alone). The second runs only where y != 0 or the self window is off, on the target rows' image
+queries. The target rows'
 text queries run as one more call on those queries alone (T x (T + N) scores per head). So the
 replace edit inside both windows costs the host's call plus the small text-query call; the
 identity edit (target prompt = source, replace) is then the source's own call on the same inputs:
@@ -315,6 +316,8 @@ class DitP2PController(DitController):
         q, k, v = call.q, call.k, call.v
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
             return False
+        if any(st == 0 and n > 1 for t in (q, k, v) for st, n in zip(t.stride(), t.shape)):
+            return False                                      # broadcast (expanded) tensors
         keys = {(t.untyped_storage().data_ptr(), t.storage_offset()) for t in (q, k, v)}
         return len(keys) == 3
 
@@ -326,6 +329,8 @@ class DitP2PController(DitController):
         q, k, v = call.q, call.k, call.v
         ts = call.k_text
         joint = site.stream == "joint"
+        rows = tgt.tolist()
+        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         q_t, k_t, v_t = (t.index_select(0, tgt) for t in (q, k, v))     # the target rows (copies)
         text = _pick(v_t, ax, ts)
         edit_piece = not no_edit or self_on
@@ -338,11 +343,14 @@ class DitP2PController(DitController):
             if self._writable(call):
                 q.index_copy_(0, tgt, q.index_select(0, src))
                 k.index_copy_(0, tgt, k.index_select(0, src))
-                for i, r in enumerate(tgt.tolist()):          # v's target rows are V_t: edit them there
+                for i, r in enumerate(rows):                  # v's target rows are V_t: edit them there
                     if not self_on:
                         v[r].zero_()
                     vr = _pick(v[r], ax - 1, ts)
-                    vr.zero_() if new_text is None else vr.copy_(new_text[i])
+                    if new_text is None:
+                        vr.zero_()
+                    else:
+                        vr.copy_(new_text[i])
                 del new_text
                 try:
                     out = call.default(q, k, v, mask=mask)
@@ -353,7 +361,10 @@ class DitP2PController(DitController):
             else:
                 v_edit = v_t.clone() if self_on else torch.zeros_like(v_t)
                 vr = _pick(v_edit, ax, ts)
-                vr.zero_() if new_text is None else vr.copy_(new_text)
+                if new_text is None:
+                    vr.zero_()
+                else:
+                    vr.copy_(new_text)
                 del new_text
                 out = call.default(q.index_copy(0, tgt, q.index_select(0, src)),
                                    k.index_copy(0, tgt, k.index_select(0, src)),
@@ -364,8 +375,6 @@ class DitP2PController(DitController):
             out = call.default()
         oax = 2 if out.ndim == 4 else 1
         qi = call.q_image if joint else slice(0, out.shape[oax])
-        rows = tgt.tolist()
-        contiguous = rows == list(range(rows[0], rows[0] + len(rows)))
         o_t = out.narrow(0, rows[0], len(rows)) if contiguous else out.index_select(0, tgt)
         o_img = _pick(o_t, oax, qi)
         if joint and edit_piece:
