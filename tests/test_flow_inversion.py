@@ -201,6 +201,51 @@ def test_replay_keeps_the_dit_source_on_the_flow_trajectory(family):
     assert torch.equal(out[1], free[1]) and not torch.equal(out[1], out[0])
 
 
+
+@pytest.mark.parametrize("family", ("Flux", "SD3"))
+def test_p2p_edit_of_an_inverted_image_composes_with_replay_in_either_order(family):
+    """Prompt-to-Prompt (DiT router) and Replay Source (a whole-call controller of the UNet router on
+    a DiT) on one MODEL, attached in both orders: the same result bit for bit; the source row is the
+    image; the target row differs from the target sampled with replay alone (the edit reads the
+    replayed source's attention). The size of the edit on real images is
+    tests/test_semantic_dit.py's (the tiny random model's attention barely depends on its input)."""
+    from attention_control.attention.dit_p2p import DitP2PController
+    from attention_control.attention.p2p import TargetEdit, replace_mapper
+    from attention_control.attention.router import attach
+    t, lat = tiny(family), _image(family)
+    steps, pos, neg = 4, _pos(family, 0), _pos(family, 4)
+    inv, traj, noise = _res(FlowInversion.execute(t.patcher, pos, lat, steps, "simple", 0.0, 0))
+    words = [(i, [i], [i]) for i in range(1, 4)]
+    fired = []
+
+    class P2P(DitP2PController):
+        def attend(self, call):
+            out = super().attend(call)
+            fired.append(out is not None)
+            return out
+
+    def p2p():
+        return P2P([TargetEdit(replace_mapper(words, words, TXT), torch.ones(TXT), torch.ones(TXT))], TXT, 0.0,
+                   0.8, 0.4)
+
+    pair = [[torch.cat([pos[0][0]] * 2), {k: (torch.cat([v, v]) if torch.is_tensor(v) else v)
+                                          for k, v in pos[0][1].items()}]]
+    batch = {"samples": inv["samples"].repeat(2, 1, 1, 1)}
+    plain = _sample_back(t.patcher, pair, batch, noise, steps, cfg=3.0, neg=neg)
+    first = _res(ReplaySource.execute(attach(t.patcher, p2p()), traj))[0]
+    second = attach(_res(ReplaySource.execute(t.patcher, traj))[0], p2p())
+    replay = _res(ReplaySource.execute(t.patcher, traj))[0]
+    a = _sample_back(first, pair, batch, noise, steps, cfg=3.0, neg=neg)
+    assert any(fired)
+    b = _sample_back(second, pair, batch, noise, steps, cfg=3.0, neg=neg)
+    free = _sample_back(replay, pair, batch, noise, steps, cfg=3.0, neg=neg)
+    assert torch.equal(a, b)
+    x0 = lat["samples"][0]
+    assert float((a[0] - x0).abs().max()) < 1e-4 * float(x0.abs().max())
+    assert torch.equal(a[0], free[0]) and not torch.equal(a[1], free[1])
+    # the plain model after both runs: nothing leaked
+    assert torch.equal(_sample_back(t.patcher, pair, batch, noise, steps, cfg=3.0, neg=neg), plain)
+
 def test_named_errors(sd15):
     import ac_models as M
     t, pos, lat = tiny("Flux"), _pos("Flux"), _image("Flux")

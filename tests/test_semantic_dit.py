@@ -235,6 +235,66 @@ def test_dit_p2p_swap_changes_the_colour_and_keeps_the_other_object():
 
 
 @functools.lru_cache(maxsize=1)
+def dit_real_image_p2p_measure():
+    """Prompt-to-Prompt on a real image on the DiT (issue 18), as example_workflows/real_image_edit_dit:
+    images the DiT made of "a red circle and a blue square" are flow-inverted (20 steps, their
+    caption), Prompt-to-Prompt swaps red -> green (node defaults) on the inverted latent, Replay
+    Source keeps item 0 on the trajectory, euler from the inverted noise at CFG 2.5. Against the
+    target caption sampled from the same inverted noise without the edit: is the square kept (mask
+    IoU with the image's), does the circle turn green where the red one was (IoU with the image's
+    red circle), and is the source row the image?"""
+    import comfy.sample
+    from attention_control.nodes.inversion import FlowInversion, ReplaySource
+    from attention_control.nodes.p2p import PromptToPrompt
+    model, clip, _ = S.load_dit()
+    src, tgt, steps, cfg = "a red circle and a blue square", "a green circle and a blue square", 20, 2.5
+
+    def obj(rgb, colour):
+        objs = [o for o in E.segment_objects(rgb) if o["colour"] == colour]
+        return objs[0]["mask"] if objs else None
+
+    def iou(a, b):
+        return E.mask_iou(a, b) if b is not None else 0.0
+
+    r = {k: [] for k in ("err", "iou", "iou_alone", "circle", "circle_alone", "swapped", "swapped_alone")}
+    pos, empty = S.encode(clip, [src]), S.encode(clip, [""])
+    for seed in range(60, 68):
+        x0 = S.sample(model, pos, empty, M.latent(1, 32, 32), seed=seed, cfg=S.DIT_CFG)
+        img = S.to_rgb(x0)[0]
+        red, blue = obj(img, "red"), obj(img, "blue")
+        if red is None or blue is None:
+            continue
+        inv, traj, noise = _res(FlowInversion.execute(model, pos, {"samples": x0}, steps, "simple", 0.0, 0))
+        m, p, n, lat = _res(PromptToPrompt.execute(model, clip, inv, src, tgt, "replace", "", 0.8, "", 0.4, "", "",
+                                                   0.3, 0.0, ""))
+        m = _res(ReplaySource.execute(m, traj))[0]
+        with torch.inference_mode():
+            out = comfy.sample.sample(m, noise.generate_noise(lat), steps, cfg, "euler", "simple", p, n,
+                                      lat["samples"], disable_pbar=True, seed=0)
+            alone = comfy.sample.sample(model, noise.generate_noise(inv), steps, cfg, "euler", "simple",
+                                        S.encode(clip, [tgt]), empty, inv["samples"], disable_pbar=True, seed=0)
+        r["err"].append(float((out[:1] - x0).norm() / x0.norm()))
+        for key, rgb in (("", S.to_rgb(out)[1]), ("_alone", S.to_rgb(alone)[0])):
+            r["iou" + key].append(iou(blue, obj(rgb, "blue")))
+            r["circle" + key].append(iou(red, obj(rgb, "green")))
+            r["swapped" + key].append(int(E.colour_present(rgb, "green") and not E.colour_present(rgb, "red")))
+    out = {k: float(np.mean(v)) for k, v in r.items()}
+    out["err"] = max(r["err"])
+    out["n"] = len(r["err"])
+    return out
+
+
+def test_dit_p2p_edits_an_inverted_real_image():
+    r = dit_real_image_p2p_measure()
+    print(f"SEMANTIC dit_real_image_p2p {r}")
+    # measured (650-step weights, 8 seeds, 7 with both objects): square IoU 0.97 vs 0.77 without the
+    # edit, the green circle where the red one was 0.70 vs 0.25, swapped 7 of 7 vs 6 of 7; at CFG 5 the edit keeps the square (0.96) but the swap fails more often (0.64): the inversion
+    # ran at CFG 1, so editing an inverted image wants a low CFG (the example workflow uses 2.5)
+    assert r["n"] >= 5 and r["err"] < 1e-5, r
+    assert r["iou"] >= 0.85 and r["iou"] >= r["iou_alone"] + 0.1, r
+    assert r["circle"] >= r["circle_alone"] + 0.2 and r["swapped"] >= 0.7, r
+
+@functools.lru_cache(maxsize=1)
 def dit_inversion_measure():
     """Flow inversion on the DiT (issue 18): images the DiT made (4 captions) inverted with their
     caption and sampled back (euler, cfg 1, the inverted noise): latent error relative to the image
