@@ -582,7 +582,8 @@ class DitRegionController(DitController):
             got = d["members"][key] = crop_to_tile(full, piece, grid, canvas)
         return got
 
-    def attend(self, call: DitCall):
+    def _run_layout(self, call: DitCall):
+        """(the run's data, `_layout(call)`), or None where the call is not the controller's."""
         run = call.run
         if run is None:
             return None
@@ -590,9 +591,13 @@ class DitRegionController(DitController):
         if "uuids" not in d:
             return None
         lay = self._layout(call, d)
-        if lay is None:
+        return None if lay is None else (d, lay)
+
+    def attend(self, call: DitCall):
+        got = self._run_layout(call)
+        if got is None:
             return None
-        regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk = lay
+        d, (regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk) = got
         by_piece: dict = {}
         for j in chunks:
             by_piece.setdefault(min(j // per_piece, len(pieces) - 1), []).extend(range(call.chunk(j).start,
@@ -658,16 +663,10 @@ class DitRegionController(DitController):
     def allowed_keys(self, call: DitCall, rows: list[int], queries: slice | None = None):
         """The region rule as a bool (len(rows), 1, Nq, Nk) (the queries in `queries` only, when
         given) for the batch rows `rows` (capture reads it to map what the model attends to)."""
-        run = call.run
-        if run is None:
+        got = self._run_layout(call)
+        if got is None:
             return None
-        d = run.data(self)
-        if "uuids" not in d:
-            return None
-        lay = self._layout(call, d)
-        if lay is None:
-            return None
-        regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk = lay
+        d, (regional, starts, need_image, pieces, per_piece, canvas, chunks, key0, nq, nk) = got
         piece_of = {}
         for j in chunks:
             for r in range(call.chunk(j).start, call.chunk(j).stop):

@@ -650,22 +650,9 @@ def _apply_model_wrapper(executor, x, t, c_concat=None, c_crossattn=None, contro
 
 def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
     """Gradient guidance of whole steps (`DitController.wraps_guider`), as the UNet router's."""
-    to = model_options.get("transformer_options", {})
-    run = to.get(DIT_RUN_KEY)
-    router = to.get(DIT_ROUTER_KEY)
-    ctrls = [c for c in router.controllers if c.wraps_guider] if (run is not None and router is not None) else []
-    if not ctrls or to.get(DIT_GUIDE_KEY) is not None:
-        return executor(x, timestep, model_options, seed)
-    from .router import GuidancePasses               # the router module imports this one
-    passes = GuidancePasses(executor.class_obj, timestep, model_options, guide_key=DIT_GUIDE_KEY)
-
-    def run_from(i):
-        if i < 0:
-            return lambda x_: executor(x_, timestep, model_options, seed)
-        below = run_from(i - 1)
-        return lambda x_: ctrls[i].guide(below, x_, timestep, run, passes)
-
-    return run_from(len(ctrls) - 1)(x)
+    from .router import guided_predict_noise         # the router module imports this one
+    return guided_predict_noise(executor, x, timestep, model_options, seed, DIT_RUN_KEY, DIT_ROUTER_KEY,
+                                DIT_GUIDE_KEY)
 
 
 def get_dit_router(model_patcher) -> DitRouter | None:

@@ -33,30 +33,18 @@ class _LinearRef(torch.autograd.Function):
         return g.matmul(ctx.weight.to(g.dtype)), None, None
 
 
-class _Conv2dRef(torch.autograd.Function):
+class _ConvRef(torch.autograd.Function):
+    """conv2d / conv3d (`dims`) whose backward gives the input gradient alone."""
     @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.weight, ctx.shape, ctx.cfg = weight, x.shape, (stride, padding, dilation, groups)
-        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, dims):
+        ctx.weight, ctx.shape, ctx.cfg, ctx.dims = weight, x.shape, (stride, padding, dilation, groups), dims
+        return (F.conv2d if dims == 2 else F.conv3d)(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, g):
-        stride, padding, dilation, groups = ctx.cfg
-        gx = torch.nn.grad.conv2d_input(ctx.shape, ctx.weight.to(g.dtype), g, stride, padding, dilation, groups)
-        return gx, None, None, None, None, None, None
-
-
-class _Conv3dRef(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, weight, bias, stride, padding, dilation, groups):
-        ctx.weight, ctx.shape, ctx.cfg = weight, x.shape, (stride, padding, dilation, groups)
-        return F.conv3d(x, weight, bias, stride, padding, dilation, groups)
-
-    @staticmethod
-    def backward(ctx, g):
-        stride, padding, dilation, groups = ctx.cfg
-        gx = torch.nn.grad.conv3d_input(ctx.shape, ctx.weight.to(g.dtype), g, stride, padding, dilation, groups)
-        return gx, None, None, None, None, None, None
+        grad_input = torch.nn.grad.conv2d_input if ctx.dims == 2 else torch.nn.grad.conv3d_input
+        gx = grad_input(ctx.shape, ctx.weight.to(g.dtype), g, *ctx.cfg)
+        return gx, None, None, None, None, None, None, None
 
 
 def _arg(args, kwargs, i, name, default=None):
@@ -96,9 +84,9 @@ class WeightReferences(TorchFunctionMode):
             x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
             padding = _arg(args, kwargs, 4, "padding", 0)
             if w.is_inference() and torch.is_grad_enabled() and x.requires_grad and not isinstance(padding, str):
-                ref = _Conv2dRef if func is F.conv2d else _Conv3dRef
-                return ref.apply(x, w, _arg(args, kwargs, 2, "bias"), _arg(args, kwargs, 3, "stride", 1), padding,
-                                 _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1))
+                return _ConvRef.apply(x, w, _arg(args, kwargs, 2, "bias"), _arg(args, kwargs, 3, "stride", 1), padding,
+                                      _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1),
+                                      2 if func is F.conv2d else 3)
         elif func is getattr(F, "rms_norm", None):
             args = self._norm_input(list(args))     # (input, normalized_shape, weight, eps): DiT norms
             if len(args) > 2:

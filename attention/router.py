@@ -371,13 +371,20 @@ class GuidancePasses:
 
 
 def _predict_noise_wrapper(executor, x, timestep, model_options={}, seed=None):
+    return guided_predict_noise(executor, x, timestep, model_options, seed, RUN_KEY, ROUTER_KEY, GUIDE_KEY)
+
+
+def guided_predict_noise(executor, x, timestep, model_options, seed, run_key: str, router_key: str, guide_key: str):
+    """The PREDICT_NOISE wrapper of both routers (their keys given): the router's guidance
+    controllers (`wraps_guider`, the last one outermost) around one whole step, each given the
+    step below it; a guidance pass's own calls (`guide_key` set) go straight to the host."""
     to = model_options.get("transformer_options", {})
-    run = to.get(RUN_KEY)
-    router = to.get(ROUTER_KEY)
+    run = to.get(run_key)
+    router = to.get(router_key)
     ctrls = [c for c in router.controllers if c.wraps_guider] if (run is not None and router is not None) else []
-    if not ctrls or to.get(GUIDE_KEY) is not None:
+    if not ctrls or to.get(guide_key) is not None:
         return executor(x, timestep, model_options, seed)
-    passes = GuidancePasses(executor.class_obj, timestep, model_options)
+    passes = GuidancePasses(executor.class_obj, timestep, model_options, guide_key=guide_key)
 
     def run_from(i):
         if i < 0:

@@ -18,6 +18,26 @@ CFG = dict(image_model="flux", in_channels=16, out_channels=16, vec_in_dim=16, c
            patch_size=2, qkv_bias=True, guidance_embed=True)
 CTX = 256
 WORDS = ((2,), (5, 6))
+# the bench DiT, as the figures' settings describe it
+DIT = "tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks)"
+DIT_64 = f"{DIT}, 64x64 latent (1024 image tokens)"
+DIT_CTX = f"{DIT_64}, {CTX}-token context"
+
+
+def child_main(time_case, mem_case=None, default_mem: str = "") -> None:
+    """The command line of a DiT bench child: `time|mem BACKEND STEPS [EXTRA]`, EXTRA the pairs of a
+    time case or the variant of a memory case; writes the case's result as one JSON line."""
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["time", "mem"] if mem_case is not None else ["time"])
+    ap.add_argument("backend", choices=list(common.BACKENDS))
+    ap.add_argument("steps", type=int)
+    ap.add_argument("extra", nargs="?", default="")
+    a = ap.parse_args()
+    if a.what == "time":
+        res = time_case(a.backend, a.steps, int(a.extra or common.PAIRS))
+    else:
+        res = mem_case(a.backend, a.steps, a.extra or default_mem)
+    sys.stdout.write(json.dumps(res) + "\n")
 
 
 def _model_and_conds():
@@ -95,8 +115,7 @@ def collect(quick: bool = False) -> dict:
     for backend in common.BACKENDS:
         r = common.run_child("bench.dit_capture", "time", backend, str(steps), "2" if quick else str(common.PAIRS))
         out[f"dit_capture_overhead_ratio[{backend}]"] = common.time_figure(
-            r, 1.10, f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent "
-                     f"(1024 image tokens), {CTX}-token context, {steps} euler steps, cfg 1, 2 words all blocks, "
+            r, 1.10, f"{DIT_CTX}, {steps} euler steps, cfg 1, 2 words all blocks, "
                      f"attention={r['attention']}, CPU time")
 
         def mem(which, n):
@@ -127,14 +146,4 @@ def collect(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["time", "mem"])
-    ap.add_argument("backend", choices=list(common.BACKENDS))
-    ap.add_argument("steps", type=int)
-    ap.add_argument("extra", nargs="?", default="")
-    a = ap.parse_args()
-    if a.what == "time":
-        res = time_case(a.backend, a.steps, int(a.extra or common.PAIRS))
-    else:
-        res = mem_case(a.backend, a.steps, a.extra or "capture")
-    sys.stdout.write(json.dumps(res) + "\n")
+    child_main(time_case, mem_case, "capture")

@@ -18,12 +18,9 @@ Guidance: one box over the left half for context tokens 2-3, the default DiT blo
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 
 from bench import common
-from bench.dit_capture import CTX, _model_and_conds
+from bench.dit_capture import CTX, DIT_CTX, _model_and_conds, child_main
 
 TOKENS = [2, 3]
 # report-only variant: guiding the double blocks only (the guidance forward stops after them)
@@ -102,8 +99,7 @@ def collect(quick: bool = False) -> dict:
                 for w in ("plain", "guided", "guided_double")}
         assert all(r["iterations"] == 1 for w in VARIANTS for r in runs[w]), runs
         mem = {w: min(r["extra_mb"] for r in rs) for w, rs in runs.items()}
-        settings = (f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent (1024 "
-                    f"image tokens), {CTX}-token context, inference-tensor weights, one box (left half) for tokens "
+        settings = (f"{DIT_CTX}, inference-tensor weights, one box (left half) for tokens "
                     f"{TOKENS[0]}-{TOKENS[-1]}, all blocks, strength 30, cfg 1, attention={t['attention']}")
         out[f"dit_layout_iter_mem_ratio[{backend}]"] = {
             "value": round(mem["guided"] / max(mem["plain"], 1e-6), 4), "target": 2.5, "unit": "x",
@@ -122,14 +118,4 @@ def collect(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["time", "mem"])
-    ap.add_argument("backend", choices=list(common.BACKENDS))
-    ap.add_argument("steps", type=int)
-    ap.add_argument("extra", nargs="?", default="")
-    a = ap.parse_args()
-    if a.what == "time":
-        res = time_case(a.backend, a.steps, int(a.extra or common.PAIRS))
-    else:
-        res = mem_case(a.backend, a.steps, a.extra or "guided")
-    sys.stdout.write(json.dumps(res) + "\n")
+    child_main(time_case, mem_case, "guided")

@@ -9,12 +9,9 @@ same batch and conditioning.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 
 from bench import common
-from bench.dit_capture import CTX
+from bench.dit_capture import DIT_CTX, child_main
 from bench.dit_p2p import _sample, batch2
 
 START_STEP = 4 / 50
@@ -42,18 +39,11 @@ def collect(quick: bool = False) -> dict:
     for backend in common.BACKENDS:
         r = common.run_child("bench.dit_masactrl", "time", backend, str(steps), "2" if quick else str(common.PAIRS))
         out[f"dit_masactrl_time_ratio[{backend}]"] = common.time_figure(
-            r, 1.05, f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent (1024 "
-                     f"image tokens), {CTX}-token context, batch [source, target], MasaCtrl mutual, start step "
+            r, 1.05, f"{DIT_CTX}, batch [source, target], MasaCtrl mutual, start step "
                      f"{START_STEP:g} of the steps, default start block (depth fraction 1/3), {steps} euler steps, "
                      f"cfg 1, vs plain sampling of the same batch, attention={r['attention']}, CPU time")
     return common.add_worst(out, ["dit_masactrl_time_ratio"])
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["time"])
-    ap.add_argument("backend", choices=list(common.BACKENDS))
-    ap.add_argument("steps", type=int)
-    ap.add_argument("pairs", type=int, nargs="?", default=common.PAIRS)
-    a = ap.parse_args()
-    sys.stdout.write(json.dumps(time_case(a.backend, a.steps, a.pairs)) + "\n")
+    child_main(time_case)

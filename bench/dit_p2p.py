@@ -14,12 +14,9 @@ bench/p2p.py). The baseline samples the same batch and conditioning without cont
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 
 from bench import common
-from bench.dit_capture import CTX, _model_and_conds
+from bench.dit_capture import CTX, DIT_CTX, _model_and_conds, child_main
 
 CROSS_END, SELF_FRACTION = 0.8, 0.4
 SWAP = 1           # the context token the target prompt replaces
@@ -82,8 +79,7 @@ def collect(quick: bool = False) -> dict:
         r = common.run_child("bench.dit_p2p", "time", backend, str(steps), "2" if quick else str(common.PAIRS))
         mem = {w: min(common.run_child("bench.dit_p2p", "mem", backend, str(mem_steps), w, env_extra=env)["extra_mb"]
                       for _ in range(reps)) for w in ("plain", "p2p")}
-        settings = (f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent (1024 "
-                    f"image tokens), {CTX}-token context, batch [source, target], replace edit (1 token swapped), "
+        settings = (f"{DIT_CTX}, batch [source, target], replace edit (1 token swapped), "
                     f"cross 0-{CROSS_END}, self {SELF_FRACTION}, all blocks, cfg 1, attention={r['attention']}")
         out[f"dit_p2p_time_ratio[{backend}]"] = common.time_figure(
             r, 1.15, settings + f", {steps} euler steps vs plain sampling of the same batch, CPU time")
@@ -96,14 +92,4 @@ def collect(quick: bool = False) -> dict:
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["time", "mem"])
-    ap.add_argument("backend", choices=list(common.BACKENDS))
-    ap.add_argument("steps", type=int)
-    ap.add_argument("extra", nargs="?", default="")
-    a = ap.parse_args()
-    if a.what == "time":
-        res = time_case(a.backend, a.steps, int(a.extra or common.PAIRS))
-    else:
-        res = mem_case(a.backend, a.steps, a.extra or "p2p")
-    sys.stdout.write(json.dumps(res) + "\n")
+    child_main(time_case, mem_case, "p2p")

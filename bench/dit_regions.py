@@ -20,7 +20,7 @@ import json
 import sys
 
 from bench import common
-from bench.dit_capture import CFG
+from bench.dit_capture import CFG, DIT_64
 
 LENGTHS = (128, 64, 64)
 STEPS = 10
@@ -69,8 +69,7 @@ def collect(quick: bool = False) -> dict:
             how = ("one host attention call per query class" if execution == "auto" else
                    "the mask handed to the host's attention")
             out[f"{name}[{backend}]"] = common.time_figure(
-                r, target, f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent "
-                           f"(1024 image tokens), {STEPS} euler steps, cfg 1, attention={r['attention']}, CPU time: 2 "
+                r, target, f"{DIT_64}, {STEPS} euler steps, cfg 1, attention={r['attention']}, CPU time: 2 "
                            f"regions (base {LENGTHS[0]} + {LENGTHS[1]} + {LENGTHS[2]} tokens, image_attention region, "
                            f"every block and step; {how}) vs plain sampling of one {sum(LENGTHS)}-token prompt")
     return common.add_worst(out, ["dit_region_overhead_ratio", "dit_region_mask_overhead_ratio"])

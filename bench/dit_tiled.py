@@ -16,7 +16,7 @@ import json
 import sys
 
 from bench import common
-from bench.dit_capture import CFG, CTX
+from bench.dit_capture import CFG, CTX, DIT
 
 STEPS = 6
 LATENT = 64
@@ -58,7 +58,7 @@ def collect(quick: bool = False) -> dict:
     for backend in common.BACKENDS:
         r = common.run_child("bench.dit_tiled", "time", backend, "2" if quick else str(common.PAIRS))
         out[f"dit_tiled_overhead_ratio[{backend}]"] = common.time_figure(
-            r, 1.05, f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), {LATENT}x{LATENT} "
+            r, 1.05, f"{DIT}, {LATENT}x{LATENT} "
                      f"latent (1024 image tokens), {CTX}-token context, {STEPS} euler steps, cfg 1: tiled with one "
                      f"{LATENT}x{LATENT} tile covering the canvas (samples bit-identical: {r['bit_identical']}) vs "
                      f"plain sampling, attention={r['attention']}, CPU time")

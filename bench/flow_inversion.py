@@ -8,12 +8,9 @@ ComfyUI's CFGGuider, so the ratio of the runs is the ratio of the steps.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 
 from bench import common
-from bench.dit_capture import CTX, _model_and_conds
+from bench.dit_capture import DIT_CTX, _model_and_conds, child_main
 
 GAMMA = 0.5
 
@@ -44,16 +41,9 @@ def collect(quick: bool = False) -> dict:
         r = common.run_child("bench.flow_inversion", "time", backend, str(steps), "2" if quick else str(common.PAIRS))
         out[f"rf_inversion_step_time_ratio[{backend}]"] = common.time_figure(
             r, 1.1, f"RF-Inversion (gamma {GAMMA}, trajectory kept) vs euler sampling, {steps} steps each, cfg 1, "
-                    f"tiny Flux-shaped DiT (hidden 128, 4 heads, 2 double + 2 single blocks), 64x64 latent (1024 "
-                    f"image tokens), {CTX}-token context, attention={r['attention']}, CPU time")
+                    f"{DIT_CTX}, attention={r['attention']}, CPU time")
     return common.add_worst(out, ["rf_inversion_step_time_ratio"])
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["time"])
-    ap.add_argument("backend", choices=list(common.BACKENDS))
-    ap.add_argument("steps", type=int)
-    ap.add_argument("extra", nargs="?", default="")
-    a = ap.parse_args()
-    sys.stdout.write(json.dumps(time_case(a.backend, a.steps, int(a.extra or common.PAIRS))) + "\n")
+    child_main(time_case)
