@@ -1,0 +1,375 @@
+"""Nodes: AttnCtl_EditAssumption (TIME), AttnCtl_SaveAssumptionEdit, AttnCtl_LoadAssumptionEdit.
+
+The edit is a weight patch on the model's K and V cross-attention projections (ModelPatcher patches, the
+way LoRAs apply: the weights are never changed in place, strength 0 adds nothing, the unpatched MODEL
+upstream is untouched)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import torch
+from comfy_api.latest import io
+
+import comfy.weight_adapter.base as wa_base
+
+from ..attention.core import AttentionControlError, UnsupportedModelError
+from ..attention.dit_router import is_dit
+from ..attention.router import model_family
+from ..attention.time_edit import AlignmentError, TimeEdit, align_positions, augmented, time_edit
+from ..attention.validate import check_finite
+from .common import CATEGORY, check_widgets, sd_tokenizer, validation_result
+from .dit_tokens import is_dit_clip
+
+log = logging.getLogger("attention_control.time")
+
+EditType = io.Custom("ATTNCTL_ASSUMPTION_EDIT")
+FOLDER = "attention_edits"
+FORMAT = "attention_control.time/1"
+L = 77
+
+
+# --------------------------------------------------------------------------------------------
+# prompts -> aligned embeddings
+
+def prompt_lines(text: str) -> list[str]:
+    return [ln.strip() for ln in (text or "").splitlines() if ln.strip()]
+
+
+def check_prompt_lines(sources: str, destinations: str) -> tuple[list[str], list[str]]:
+    src, dst = prompt_lines(sources), prompt_lines(destinations)
+    if not src:
+        raise AttentionControlError("source_prompts: give at least one prompt (one per line), e.g. 'a pack of roses'")
+    if len(src) != len(dst):
+        raise AttentionControlError(
+            f"destination_prompts: {len(dst)} line(s) for {len(src)} source line(s); give one destination per "
+            f"source line (line 1 edits into line 1 ...), e.g. 'a pack of roses' -> 'a pack of blue roses'")
+    return src, dst
+
+
+class _Tokens:
+    """A prompt's single-chunk token ids, start token to end token, for the alignment."""
+
+    def __init__(self, clip, text: str, role: str):
+        toks = clip.tokenize(text)
+        key = "l" if "l" in toks else next(iter(toks))
+        chunks = toks[key]
+        if len(chunks) != 1:
+            raise AttentionControlError(f"{role}: '{text[:40]}...' is longer than 75 tokens; TIME edits prompts "
+                                        "of one chunk")
+        ids = [t[0] for t in chunks[0]]
+        if not all(isinstance(t, int) for t in ids):
+            raise AttentionControlError(f"{role}: '{text}' uses a textual-inversion embedding; TIME aligns "
+                                        "prompts by their token ids, write the words instead")
+        eos = getattr(sd_tokenizer(clip), "end_token", None)
+        end = ids.index(eos, 1) if eos in ids[1:] else len(ids) - 1
+        self.ids = ids[:end + 1]
+        for other, och in toks.items():       # SDXL: CLIP-G must put every word at the same positions
+            if other != key and [t[0] for t in och[0]][1:end] != self.ids[1:end]:
+                raise AttentionControlError(f"{role}: the text encoders tokenize '{text}' differently; TIME "
+                                            "cannot align its words")
+
+
+def _embed(clip, text: str) -> torch.Tensor:
+    cond = clip.encode_from_tokens(clip.tokenize(text))
+    if cond.dim() != 3 or cond.shape[1] != L:
+        raise AttentionControlError(f"clip: '{text[:40]}' encodes to {tuple(cond.shape)}; TIME needs one "
+                                    f"{L}-token chunk (SD1.x / SD2.x / SDXL text encoders)")
+    return cond[0].float()
+
+
+def aligned_embeddings(clip, sources: list[str], destinations: list[str], augment: bool):
+    """(C, C*) as (N, d) rows: every position of every source prompt (and its templates) and the embedding
+    of the destination position it aligns to (the reference's rule; "an" counts as "a")."""
+    a_id = _Tokens(clip, "a", "clip").ids[1]
+    an_id = _Tokens(clip, "an", "clip").ids[1]
+
+    def same(x, y):
+        return (a_id if x == an_id else x) == (a_id if y == an_id else y)
+
+    decode_vocab = getattr(sd_tokenizer(clip), "inv_vocab", None) or {}
+    cs, cstars = [], []
+    for line, (s, t) in enumerate(zip(sources, destinations), start=1):
+        for sv, tv in zip(*(augmented(p) if augment else [p] for p in (s, t))):
+            st = _Tokens(clip, sv, f"source_prompts line {line}")
+            dt = _Tokens(clip, tv, f"destination_prompts line {line}")
+            try:
+                pos = align_positions(st.ids, dt.ids, L, same)
+            except AlignmentError as e:
+                word = str(decode_vocab.get(e.token, e.token)).replace("</w>", "")
+                raise AttentionControlError(
+                    f"destination_prompts line {line}: the source's word '{word}' (token {e.position} of '{sv}') "
+                    f"is not in '{tv}' in the same order; TIME adds words to the source prompt (keep every "
+                    f"source word, in order: 'a circle' -> 'a red circle')") from None
+            cs.append(_embed(clip, sv))
+            cstars.append(_embed(clip, tv)[pos])
+    c, cstar = torch.cat(cs), torch.cat(cstars)
+    check_finite("clip", c, "the text encoder returned NaN / inf; check the CLIP model")
+    check_finite("clip", cstar, "the text encoder returned NaN / inf; check the CLIP model")
+    return c, cstar
+
+
+# --------------------------------------------------------------------------------------------
+# the weight patch
+
+class AssumptionEditPatch(wa_base.WeightAdapterBase):
+    """One TIME edit as a ModelPatcher weight patch: W <- W + strength * W up down on the weight as patched
+    before it (a LoRA added earlier is edited too, as if TIME had been derived on the LoRA'd model)."""
+    name = "attnctl_time"
+
+    def __init__(self, edit: TimeEdit):
+        self.edit = edit
+        self.loaded_keys = set()
+        self.weights = []
+
+    def calculate_weight(self, weight, key, strength, strength_model, offset, function,
+                         intermediate_dtype=torch.float32, original_weight=None):
+        if strength == 0.0:
+            return weight
+        if weight.dim() != 2 or weight.shape[1] != self.edit.context_dim:
+            log.warning("TIME edit: %s has shape %s, not (out, %d); left unedited", key, tuple(weight.shape),
+                        self.edit.context_dim)
+            return weight
+        diff = self.edit.delta(weight.to(intermediate_dtype))
+        weight += function(strength * diff).type(weight.dtype)
+        return weight
+
+
+def projection_keys(model, context_dim: int) -> list[str]:
+    """The state-dict keys of the K and V projections of every UNet cross-attention (attn2.to_k / to_v).
+    Errors name the model input: a DiT or other family, or a CLIP of another width."""
+    if is_dit(model):
+        raise UnsupportedModelError(
+            f"model: {model_family(model)} is a transformer (DiT); TIME edits are built for the UNet families "
+            f"(SD1.x, SD2.x, SDXL) so far. Use an SD1.x / SD2.x / SDXL checkpoint")
+    dm = model.get_model_object("diffusion_model")
+    keys, widths = [], set()
+    for name, mod in dm.named_modules():
+        if name.endswith(("attn2.to_k", "attn2.to_v")) and hasattr(mod, "weight") and mod.weight.dim() == 2:
+            widths.add(mod.weight.shape[1])
+            if mod.weight.shape[1] == context_dim:
+                keys.append(f"diffusion_model.{name}.weight")
+    if not widths:
+        raise UnsupportedModelError(
+            f"model: {model_family(model)} has no cross-attention (attn2) K / V projections; TIME edits the "
+            f"UNet families (SD1.x, SD2.x, SDXL)")
+    if not keys:
+        raise AttentionControlError(
+            f"clip: gives {context_dim}-wide embeddings but this model's cross-attention takes "
+            f"{', '.join(map(str, sorted(widths)))}; connect the checkpoint's own CLIP")
+    return keys
+
+
+def apply_edit(model, edit: TimeEdit, strength: float):
+    """A clone of `model` with the edit patched onto every K / V projection at `strength` (0: a plain clone)."""
+    keys = projection_keys(model, edit.context_dim)
+    m = model.clone()
+    if strength == 0.0:
+        return m
+    patch = AssumptionEditPatch(edit)
+    added = m.add_patches({k: patch for k in keys}, strength)
+    if len(added) != len(keys):
+        missing = sorted(set(keys) - set(added))
+        raise AttentionControlError(f"model: {len(missing)} projection weight(s) are not in the model's state "
+                                    f"dict (first: {missing[0]}); the model cannot take a TIME edit")
+    return m
+
+
+def derive_edit(clip, source_prompts: str, destination_prompts: str, lam: float, augment: bool) -> TimeEdit:
+    if is_dit_clip(clip):
+        raise UnsupportedModelError("clip: this is a DiT family's text encoder; TIME edits are built for the SD1.x "
+                                    "/ SD2.x / SDXL CLIP text encoders so far")
+    src, dst = check_prompt_lines(source_prompts, destination_prompts)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        c, cstar = aligned_embeddings(clip, src, dst, augment)
+        edit = time_edit(c, cstar, lam, meta={"source_prompts": src, "destination_prompts": dst,
+                                             "lambda": lam, "augment": augment})
+    log.info("TIME edit: %d pair(s), %d positions, rank %d of %d, %.2f s", len(src), c.shape[0], edit.rank,
+             edit.context_dim, time.perf_counter() - t0)
+    return edit
+
+
+# --------------------------------------------------------------------------------------------
+# files
+
+def _register_folder():
+    import folder_paths
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        dirs = [os.path.join(folder_paths.models_dir, FOLDER), os.path.join(folder_paths.get_output_directory(), FOLDER)]
+        folder_paths.folder_names_and_paths[FOLDER] = (dirs, {".safetensors"})
+    return folder_paths
+
+
+def edit_files() -> list[str]:
+    return _register_folder().get_filename_list(FOLDER)
+
+
+def edit_to_tensors(edit: TimeEdit) -> tuple[dict, dict]:
+    tensors = {"time.up": edit.up.contiguous()}
+    if edit.down is not None:
+        tensors["time.down"] = edit.down.contiguous()
+    meta = {"format": FORMAT, "context_dim": str(edit.context_dim), "edit": json.dumps(edit.meta)}
+    return tensors, meta
+
+
+def edit_from_tensors(tensors: dict, meta: dict | None, name: str) -> TimeEdit:
+    meta = meta or {}
+    if meta.get("format") != FORMAT or "time.up" not in tensors:
+        raise AttentionControlError(f"edit_name: '{name}' is not a TIME edit saved by Save Assumption Edit "
+                                    f"(format '{meta.get('format')}', keys {sorted(tensors)[:4]})")
+    d = int(meta["context_dim"])
+    up, down = tensors["time.up"].float(), tensors.get("time.down")
+    ok = up.dim() == 2 and up.shape[0] == d and (
+        (down is None and up.shape[1] == d) or (down is not None and down.dim() == 2 and down.shape == up.shape[::-1]))
+    if not ok:
+        raise AttentionControlError(f"edit_name: '{name}' holds factors {tuple(up.shape)} / "
+                                    f"{None if down is None else tuple(down.shape)} that do not fit width {d}")
+    check_finite("edit_name", up, f"'{name}' is damaged; save the edit again")
+    if down is not None:
+        check_finite("edit_name", down, f"'{name}' is damaged; save the edit again")
+        down = down.float()
+    try:
+        info = json.loads(meta.get("edit", "{}"))
+    except ValueError:
+        info = {}
+    return TimeEdit(d, up, down, info)
+
+
+def save_edit(edit: TimeEdit, path: str) -> None:
+    import safetensors.torch
+    tensors, meta = edit_to_tensors(edit)
+    safetensors.torch.save_file(tensors, path, metadata=meta)
+
+
+def load_edit(path: str, name: str | None = None) -> TimeEdit:
+    import safetensors
+    with safetensors.safe_open(path, framework="pt", device="cpu") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return edit_from_tensors(tensors, meta, name or os.path.basename(path))
+
+
+# --------------------------------------------------------------------------------------------
+# nodes
+
+def _check_lines(values):
+    s, d = values.get("source_prompts"), values.get("destination_prompts")
+    if isinstance(s, str) and isinstance(d, str):
+        check_prompt_lines(s, d)
+
+
+class EditAssumption(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_EditAssumption",
+            display_name="Edit Assumption (TIME)",
+            category=f"{CATEGORY}/weights",
+            description="TIME (Orgad et al. 2023): edits what the model assumes when a prompt leaves something "
+                        "out (roses are red -> roses are blue) by a closed-form change of the K and V projections "
+                        "of every cross-attention, so that the source prompt's words project like the destination's. "
+                        "Applies as a weight patch, like a LoRA: strength 0 is the model unchanged, the MODEL "
+                        "upstream stays as it was. SD1.x / SD2.x / SDXL.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to edit (LoRAs patched before this node are edited too)."),
+                io.Clip.Input("clip", tooltip="The model's own text encoder (after CLIP Set Last Layer, if you use "
+                                              "one): the edit is computed from its embeddings."),
+                io.String.Input("source_prompts", multiline=True, default="a pack of roses",
+                                tooltip="What the model sees now, one prompt per line (e.g. 'a pack of roses')."),
+                io.String.Input("destination_prompts", multiline=True, default="a pack of blue roses",
+                                tooltip="What it should understand instead, one per source line, keeping every "
+                                        "source word in order (e.g. 'a pack of blue roses')."),
+                io.Float.Input("lambda_", display_name="lambda", default=0.1, min=0.001, max=100.0, step=0.01,
+                               tooltip="How strongly the weights hold on to the original (paper: 0.1). Larger: "
+                                       "a smaller, more specific edit."),
+                io.Boolean.Input("augment", default=True,
+                                 tooltip="Also edit 'A photo of ...', 'An image of ...', 'A picture of ...' "
+                                         "versions of each pair (paper: on), for an edit that generalises."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="1: the paper's edit; 0: the model unchanged; between: a partial edit."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), EditType.Output(display_name="edit")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, source_prompts=None, destination_prompts=None, lambda_=None, strength=None,
+                        augment=None):
+        return validation_result(cls, locals(), _check_lines)
+
+    @classmethod
+    def execute(cls, model, clip, source_prompts, destination_prompts, lambda_, augment, strength):
+        check_widgets(cls, locals())
+        edit = derive_edit(clip, source_prompts, destination_prompts, lambda_, augment)
+        return io.NodeOutput(apply_edit(model, edit, strength), edit)
+
+
+class SaveAssumptionEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_SaveAssumptionEdit",
+            display_name="Save Assumption Edit (TIME)",
+            category=f"{CATEGORY}/weights",
+            description="Writes a TIME edit to output/attention_edits/ as a small safetensors file (the exact "
+                        "low-rank factors, one pair for every projection of the model); Load Assumption Edit lists "
+                        "it (models/attention_edits/ and output/attention_edits/).",
+            inputs=[
+                EditType.Input("edit", tooltip="The edit output of Edit Assumption (TIME)."),
+                io.String.Input("filename_prefix", default="attention_edits/time_edit",
+                                tooltip="Path under the output folder, without the extension."),
+            ],
+            outputs=[],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(cls, edit, filename_prefix):
+        import folder_paths
+        prefix = filename_prefix.strip() or "attention_edits/time_edit"
+        full, name, counter, sub, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
+        os.makedirs(full, exist_ok=True)
+        path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
+        save_edit(edit, path)
+        log.info("TIME edit saved: %s (rank %d, width %d)", path, edit.rank, edit.context_dim)
+        return io.NodeOutput()
+
+
+class LoadAssumptionEdit(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_LoadAssumptionEdit",
+            display_name="Load Assumption Edit (TIME)",
+            category=f"{CATEGORY}/weights",
+            description="Applies a saved TIME edit to a model as a weight patch, with a strength (like Load LoRA). "
+                        "The edit belongs to the text encoder it was computed with: it applies to any model of "
+                        "that family sampled with that CLIP.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to edit."),
+                io.Combo.Input("edit_name", options=edit_files(),
+                               tooltip="A file from models/attention_edits/ or output/attention_edits/."),
+                io.Float.Input("strength", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="1: the edit as saved; 0: the model unchanged."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL"), EditType.Output(display_name="edit")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, edit_name=None, strength=None):
+        return validation_result(cls, locals())
+
+    @classmethod
+    def execute(cls, model, edit_name, strength):
+        check_widgets(cls, locals())
+        path = _register_folder().get_full_path(FOLDER, edit_name)
+        if path is None:
+            raise AttentionControlError(f"edit_name: '{edit_name}' is not in models/attention_edits/ or "
+                                        "output/attention_edits/")
+        edit = load_edit(path, edit_name)
+        return io.NodeOutput(apply_edit(model, edit, strength), edit)
+
+
+NODES = [EditAssumption, SaveAssumptionEdit, LoadAssumptionEdit]
