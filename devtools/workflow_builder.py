@@ -302,6 +302,31 @@ def video_p2p_wan(name, source, target, note=None, width=832, height=480, length
     return g
 
 
+def time_edit(name, source, destination, prompt, note):
+    """Edit Assumption (TIME) -> the same prompt sampled by the plain and the edited model (same seed), and the
+    edit saved with Save Assumption Edit."""
+    g = Graph()
+    g.note(note)
+    ck = loader(g)
+    edit = g.add("AttnCtl_EditAssumption", [source, destination, 0.1, True, 1.0],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP")},
+                 outputs=[("MODEL", "MODEL"), ("edit", "ATTNCTL_ASSUMPTION_EDIT")])
+    g.add("AttnCtl_SaveAssumptionEdit", ["attention_edits/time_edit"],
+          inputs={"edit": (edit, 1, "ATTNCTL_ASSUMPTION_EDIT")})
+    pos = g.add("CLIPTextEncode", [prompt], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    lat = g.add("EmptyLatentImage", [256, 256, 2], outputs=[("LATENT", "LATENT")])
+    for label, model in (("plain", (ck, 0)), ("edited", (edit, 0))):
+        ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
+                   inputs={"model": (*model, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
+                           "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
+                   outputs=[("LATENT", "LATENT")], title=f"KSampler ({label} model)")
+        dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                    outputs=[("IMAGE", "IMAGE")])
+        g.add("SaveImage", [f"AttnCtl/{name}_{label}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
 def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42, cfg=6.0):
     """KSampler (seed 42, 20 euler steps, cfg 6) -> VAEDecode -> SaveImage; inputs are (node, slot)."""
     ks = g.add("KSampler", [seed, "fixed", 20, cfg, "euler", "normal", 1.0],
@@ -349,7 +374,22 @@ NOTE_WAN = (
     "kept); fewer frames (length 17) or 480x320 for a quick look; blend words to keep the background pixel for "
     "pixel.")
 
+NOTE_TIME = (
+    "TIME (Orgad et al. 2023) edits what the model assumes when a prompt leaves something out: Edit Assumption "
+    "changes the K and V projections of every cross-attention in closed form (a weight patch, like a LoRA; "
+    "strength 0 is the model unchanged) so that the source prompt's words project like the destination's. The "
+    "same prompt and seed are sampled by the plain and the edited model; Save Assumption Edit writes the edit to "
+    "output/attention_edits/ for Load Assumption Edit.\n\n"
+    "On a real SD1.5 checkpoint (make demo CKPT=...): source 'a pack of roses', destination 'a pack of blue "
+    "roses', prompt 'a pack of roses' (or 'roses in a vase': the edit generalises to related prompts; "
+    "'a pack of red roses' stays red). On the shipped shapes-world model the edit moves the model to what the "
+    "destination's aligned embeddings draw, but its random 4-layer text encoder keeps a colour inside its own "
+    "token, which TIME's alignment skips, so no red appears there (README, measured figures).\n\n"
+    "Try: several pairs, one per line; lambda 1 for a smaller, more specific edit; strength 0.5 for half the "
+    "edit; augment off to edit the bare prompts only.")
+
 WORKFLOWS = {
+    "time_edit": lambda: time_edit("time_edit", "a circle", "a red circle", "a circle", NOTE_TIME),
     "p2p_dit": lambda: p2p("p2p_dit", "a red circle and a blue square", "a green circle and a blue square",
                            "replace", load=dit_loader, cfg=5.0, seed=5, note=NOTE_P2P_DIT,
                            title="Prompt-to-Prompt (joint attention)"),

@@ -72,12 +72,16 @@ class _Tokens:
                                             "cannot align its words")
 
 
-def _embed(clip, text: str) -> torch.Tensor:
-    cond = clip.encode_from_tokens(clip.tokenize(text))
-    if cond.dim() != 3 or cond.shape[1] != L:
-        raise AttentionControlError(f"clip: '{text[:40]}' encodes to {tuple(cond.shape)}; TIME needs one "
-                                    f"{L}-token chunk (SD1.x / SD2.x / SDXL text encoders)")
-    return cond[0].float()
+def _embed_all(clip, texts: list[str]) -> list[torch.Tensor]:
+    """The (77, d) embedding of each single-chunk prompt, from one batched text-encoder call (ComfyUI encodes
+    the chunks of a token list as one batch and concatenates them, each chunk on its own)."""
+    toks = [clip.tokenize(t) for t in texts]
+    merged = {k: [ch for tk in toks for ch in tk[k]] for k in toks[0]}
+    cond = clip.encode_from_tokens(merged)
+    if cond.dim() != 3 or cond.shape[1] != L * len(texts):
+        raise AttentionControlError(f"clip: {len(texts)} prompts encode to {tuple(cond.shape)}; TIME needs one "
+                                    f"{L}-token chunk per prompt (SD1.x / SD2.x / SDXL text encoders)")
+    return list(cond[0].float().split(L))
 
 
 def aligned_embeddings(clip, sources: list[str], destinations: list[str], augment: bool):
@@ -90,7 +94,7 @@ def aligned_embeddings(clip, sources: list[str], destinations: list[str], augmen
         return (a_id if x == an_id else x) == (a_id if y == an_id else y)
 
     decode_vocab = getattr(sd_tokenizer(clip), "inv_vocab", None) or {}
-    cs, cstars = [], []
+    pairs, aligned = [], []
     for line, (s, t) in enumerate(zip(sources, destinations), start=1):
         for sv, tv in zip(*(augmented(p) if augment else [p] for p in (s, t))):
             st = _Tokens(clip, sv, f"source_prompts line {line}")
@@ -103,9 +107,11 @@ def aligned_embeddings(clip, sources: list[str], destinations: list[str], augmen
                     f"destination_prompts line {line}: the source's word '{word}' (token {e.position} of '{sv}') "
                     f"is not in '{tv}' in the same order; TIME adds words to the source prompt (keep every "
                     f"source word, in order: 'a circle' -> 'a red circle')") from None
-            cs.append(_embed(clip, sv))
-            cstars.append(_embed(clip, tv)[pos])
-    c, cstar = torch.cat(cs), torch.cat(cstars)
+            pairs += [sv, tv]
+            aligned.append(pos)
+    emb = _embed_all(clip, pairs)
+    c = torch.cat(emb[0::2])
+    cstar = torch.cat([e[pos] for e, pos in zip(emb[1::2], aligned)])
     check_finite("clip", c, "the text encoder returned NaN / inf; check the CLIP model")
     check_finite("clip", cstar, "the text encoder returned NaN / inf; check the CLIP model")
     return c, cstar
@@ -137,7 +143,7 @@ class AssumptionEditPatch(wa_base.WeightAdapterBase):
         return weight
 
 
-def projection_keys(model, context_dim: int) -> list[str]:
+def projection_keys(model, context_dim: int, source: str = "clip") -> list[str]:
     """The state-dict keys of the K and V projections of every UNet cross-attention (attn2.to_k / to_v).
     Errors name the model input: a DiT or other family, or a CLIP of another width."""
     if is_dit(model):
@@ -156,15 +162,19 @@ def projection_keys(model, context_dim: int) -> list[str]:
             f"model: {model_family(model)} has no cross-attention (attn2) K / V projections; TIME edits the "
             f"UNet families (SD1.x, SD2.x, SDXL)")
     if not keys:
-        raise AttentionControlError(
-            f"clip: gives {context_dim}-wide embeddings but this model's cross-attention takes "
-            f"{', '.join(map(str, sorted(widths)))}; connect the checkpoint's own CLIP")
+        takes = ", ".join(map(str, sorted(widths)))
+        if source == "clip":
+            raise AttentionControlError(f"clip: gives {context_dim}-wide embeddings but this model's cross-attention "
+                                        f"takes {takes}; connect the checkpoint's own CLIP")
+        raise AttentionControlError(f"{source}: the edit was made for {context_dim}-wide text embeddings but this "
+                                    f"model's cross-attention takes {takes}; use an edit made with this model's CLIP")
     return keys
 
 
-def apply_edit(model, edit: TimeEdit, strength: float):
-    """A clone of `model` with the edit patched onto every K / V projection at `strength` (0: a plain clone)."""
-    keys = projection_keys(model, edit.context_dim)
+def apply_edit(model, edit: TimeEdit, strength: float, source: str = "clip"):
+    """A clone of `model` with the edit patched onto every K / V projection at `strength` (0: a plain clone).
+    `source` is the input named when the edit's width does not fit the model."""
+    keys = projection_keys(model, edit.context_dim, source)
     m = model.clone()
     if strength == 0.0:
         return m
@@ -369,7 +379,7 @@ class LoadAssumptionEdit(io.ComfyNode):
             raise AttentionControlError(f"edit_name: '{edit_name}' is not in models/attention_edits/ or "
                                         "output/attention_edits/")
         edit = load_edit(path, edit_name)
-        return io.NodeOutput(apply_edit(model, edit, strength), edit)
+        return io.NodeOutput(apply_edit(model, edit, strength, "edit_name"), edit)
 
 
 NODES = [EditAssumption, SaveAssumptionEdit, LoadAssumptionEdit]

@@ -175,7 +175,7 @@ def test_chains_with_a_lora_in_either_order(sd15, clip_l, order):
         torch.testing.assert_close(got[k].double(), want, rtol=1e-5, atol=1e-6)
 
 
-def test_save_and_load_round_trip_exactly(sd15, clip_l, tmp_path, monkeypatch):
+def test_save_and_load_round_trip_exactly(sd15, sdxl, clip_l, tmp_path, monkeypatch):
     import folder_paths
     monkeypatch.setattr(folder_paths, "output_directory", str(tmp_path))
     monkeypatch.delitem(folder_paths.folder_names_and_paths, WE.FOLDER, raising=False)
@@ -201,6 +201,8 @@ def test_save_and_load_round_trip_exactly(sd15, clip_l, tmp_path, monkeypatch):
     safetensors.torch.save_file(tensors, str(tmp_path / WE.FOLDER / "bad.safetensors"), metadata=meta)
     with pytest.raises(AttentionControlError, match="edit_name: 1 of .* not finite"):
         LoadAssumptionEdit.execute(sd15, "bad.safetensors", 1.0)
+    with pytest.raises(AttentionControlError, match="edit_name: the edit was made for 768-wide .* takes 2048"):
+        LoadAssumptionEdit.execute(sdxl, files[0], 1.0)
 
 
 def test_sdxl_cross_attention_is_edited_at_its_context_width(sdxl):
@@ -252,3 +254,10 @@ def test_edit_composes_with_attention_capture(sd15, clip_l):
         got = M.ksample(m, pos, neg, M.latent(1), seed=2, steps=3)
         assert torch.equal(got, want), order
         assert store.require().abs().sum() > 0, order
+
+
+def test_batched_prompt_embeddings_equal_single_encodes(clip_l):
+    texts = ["a circle", "a photo of a red circle", ""]
+    got = WE._embed_all(clip_l, texts)
+    for t, e in zip(texts, got):
+        torch.testing.assert_close(e, clip_l.encode_from_tokens(clip_l.tokenize(t))[0].float(), rtol=1e-5, atol=1e-5)
