@@ -64,6 +64,7 @@ from attention_control.nodes.collage import CollageLayer, CollageLayers
 from attention_control.nodes.layout import Boxes, LayoutGuidance
 from attention_control.nodes.masactrl import MasaCtrl
 from attention_control.nodes.p2p import PromptToPrompt
+from attention_control.nodes.weight_edits import EditAssumption
 from attention_control.nodes.regions import PaintWithWords, RegionConditioning, RegionPrompt
 from attention_control.nodes.tiled import TiledDiffusion
 from attention_control.shapesworld.comfy_glue import ShapesWorldVAE
@@ -77,7 +78,7 @@ STEPS, CFG, SEED = 2, 5.0, 0
 LAT = (16, 16)
 
 FOREIGN = ["sag", "pag", "freeu", "freeu_v2", "hypertile", "tome", "lora", "ipadapter"]
-PACKS = ["capture", "p2p", "layout", "masactrl", "paint", "regions", "collage", "tiled"]
+PACKS = ["capture", "p2p", "layout", "masactrl", "paint", "regions", "collage", "tiled", "time"]
 ORDERS = ["foreign_first", "pack_first"]
 CELLS = [(f, p, o) for f in FOREIGN for p in PACKS for o in ORDERS]
 
@@ -389,6 +390,10 @@ def build_pack(name: str, model, clip) -> PackRun:
     if name == "tiled":
         # 16x16 canvas, tiles 16 x 12 latent px with 8 px overlap: two tiles side by side, one call
         m = _res(TiledDiffusion.execute(model, 96, 128, 64, "multidiffusion", 2, False, "per tile"))[0]
+        return PackRun(name, m, encode(clip, PROMPT), encode(clip, ""), lat)
+    if name == "time":
+        # a weight patch on every cross-attention K / V (TIME), sampled with a prompt holding the edited words
+        m, _edit = _res(EditAssumption.execute(model, clip, "a blue square", "a big blue square", 0.1, True, 1.0))
         return PackRun(name, m, encode(clip, PROMPT), encode(clip, ""), lat)
     raise KeyError(name)
 
