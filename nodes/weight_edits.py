@@ -84,6 +84,75 @@ def _embed_all(clip, texts: list[str]) -> list[torch.Tensor]:
     return list(cond[0].float().split(L))
 
 
+def _fold(text: str) -> str:
+    t = text.replace("\u2581", " ").strip().lower()
+    return "a" if t == "an" else t
+
+
+def dit_align_rows(sctx, dctx) -> list[int]:
+    """For every row of the source's context (a DiT text encoder's, nodes/dit_tokens.DitContext), the
+    destination row it aligns to: per text-encoder part, template rows before the prompt by their offset,
+    the prompt's tokens found in order in the destination's (as TIME's reference: each after the previous
+    match; "an" counts as "a"), the rows after the prompt (end token, template end, padding) following on
+    from the row after the destination's prompt, capped at the part's last row. Rows are cond rows (Flux.2's
+    in-model front padding excluded). Raises AlignmentError (token = the shown text of the missing token)."""
+    s_pad, d_pad = sctx.length - sctx.cond_length, dctx.length - dctx.cond_length
+    out = list(range(sctx.length))
+    for sp, dp in zip(sctx.parts, dctx.parts):
+        s_end, d_end = sp.offset + sp.length, dp.offset + dp.length
+        s_rows, d_rows = [p for p, _ in sp.tokens], [p for p, _ in dp.tokens]
+        if not s_rows:
+            continue
+        for r in range(sp.offset, s_rows[0]):
+            out[r] = min(dp.offset + (r - sp.offset), d_end - 1)
+        j = 0
+        for r, shown in sp.tokens:
+            while j < len(dp.tokens) and _fold(dp.tokens[j][1]) != _fold(shown):
+                j += 1
+            if j >= len(dp.tokens):
+                raise AlignmentError(r, shown)
+            out[r] = dp.tokens[j][0]
+            j += 1
+        nxt = (d_rows[-1] if d_rows else dp.offset - 1) + 1
+        for k, r in enumerate(range(s_rows[-1] + 1, s_end)):
+            out[r] = min(nxt + k, d_end - 1)
+    rows = [r - d_pad for r in out[s_pad:]]
+    if any(r < 0 for r in rows):
+        raise AlignmentError(0, "(front padding)")
+    return rows
+
+
+def dit_aligned_embeddings(clip, sources: list[str], destinations: list[str], augment: bool):
+    """(C, C*) for a DiT family's text encoder: the source prompts' context rows and the destination rows
+    aligned to them (dit_align_rows); prompts of any length, one encode each."""
+    from .dit_tokens import dit_context
+    cs, cstars = [], []
+    for line, (s, t) in enumerate(zip(sources, destinations), start=1):
+        for sv, tv in zip(*(augmented(p) if augment else [p] for p in (s, t))):
+            try:
+                sctx, dctx = dit_context(clip, sv), dit_context(clip, tv)
+            except UnsupportedModelError as e:
+                raise UnsupportedModelError("clip: " + str(e).split(": ", 1)[-1]) from None
+            try:
+                rows = dit_align_rows(sctx, dctx)
+            except AlignmentError as e:
+                raise AttentionControlError(
+                    f"destination_prompts line {line}: the source's token '{e.token}' (row {e.position} of "
+                    f"'{sv}') is not in '{tv}' in the same order; TIME adds words to the source prompt (keep "
+                    f"every source word, in order: 'a circle' -> 'a red circle')") from None
+            c = clip.encode_from_tokens(clip.tokenize(sv))[0].float()
+            cstar = clip.encode_from_tokens(clip.tokenize(tv))[0].float()
+            if c.shape[0] != sctx.cond_length or cstar.shape[0] != dctx.cond_length:
+                raise AttentionControlError(f"clip: '{sv[:40]}' encodes to {c.shape[0]} rows, not the "
+                                            f"{sctx.cond_length} its tokens give; TIME cannot align them")
+            cs.append(c)
+            cstars.append(cstar[rows])
+    c, cstar = torch.cat(cs), torch.cat(cstars)
+    check_finite("clip", c, "the text encoder returned NaN / inf; check the CLIP model")
+    check_finite("clip", cstar, "the text encoder returned NaN / inf; check the CLIP model")
+    return c, cstar
+
+
 def aligned_embeddings(clip, sources: list[str], destinations: list[str], augment: bool):
     """(C, C*) as (N, d) rows: every position of every source prompt (and its templates) and the embedding
     of the destination position it aligns to (the reference's rule; "an" counts as "a")."""
@@ -143,38 +212,88 @@ class AssumptionEditPatch(wa_base.WeightAdapterBase):
         return weight
 
 
-def projection_keys(model, context_dim: int, source: str = "clip") -> list[str]:
-    """The state-dict keys of the K and V projections of every UNet cross-attention (attn2.to_k / to_v).
-    Errors name the model input: a DiT or other family, or a CLIP of another width."""
-    if is_dit(model):
-        raise UnsupportedModelError(
-            f"model: {model_family(model)} is a transformer (DiT); TIME edits are built for the UNet families "
-            f"(SD1.x, SD2.x, SDXL) so far. Use an SD1.x / SD2.x / SDXL checkpoint")
+# a DiT's text-entry projections: (norm applied to each context row first, or None; the linear(s)), tried in
+# order; the first whose linears exist and take the context width is the edit's target. Every one is a linear
+# map of the text encoder's rows (HunyuanVideo's c_embedder of their mean), so W' = W M carries over.
+DIT_ENTRIES = (
+    ("txt_norm", ("txt_in",)),                                          # Qwen-Image
+    ("cap_embedder.0", ("cap_embedder.1",)),                            # Lumina 2, Z-Image
+    (None, ("txt_in.input_embedder", "txt_in.c_embedder.in_layer")),    # HunyuanVideo / 1.5 / Image 2.1
+    (None, ("txt_in",)),                                                # Flux, Flux.2, Chroma
+    (None, ("context_embedder",)),                                      # SD3 / 3.5
+    (None, ("text_embedding.0",)),                                      # Wan
+)
+
+
+def _module(dm, name):
+    try:
+        return dm.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _linear(dm, name):
+    mod = _module(dm, name)
+    w = getattr(mod, "weight", None)
+    return mod if isinstance(mod, torch.nn.Linear) or (w is not None and w.dim() == 2 and hasattr(mod, "in_features")) \
+        else None
+
+
+def edit_targets(model, context_dim: int, source: str = "clip"):
+    """(state-dict keys, input norm module or None) of the projections a TIME edit changes: the K and V of
+    every UNet cross-attention (attn2.to_k / to_v), or a DiT's text-entry projection(s) (DIT_ENTRIES).
+    Errors name `source` (the input whose width does not fit) or the model (no such projections)."""
     dm = model.get_model_object("diffusion_model")
-    keys, widths = [], set()
-    for name, mod in dm.named_modules():
-        if name.endswith(("attn2.to_k", "attn2.to_v")) and hasattr(mod, "weight") and mod.weight.dim() == 2:
-            widths.add(mod.weight.shape[1])
-            if mod.weight.shape[1] == context_dim:
-                keys.append(f"diffusion_model.{name}.weight")
-    if not widths:
-        raise UnsupportedModelError(
-            f"model: {model_family(model)} has no cross-attention (attn2) K / V projections; TIME edits the "
-            f"UNet families (SD1.x, SD2.x, SDXL)")
+    widths = set()
+    if is_dit(model):
+        for norm, names in DIT_ENTRIES:
+            mods = [_linear(dm, n) for n in names]
+            if not all(m is not None for m in mods) or (norm is not None and _module(dm, norm) is None):
+                continue
+            widths.update(m.weight.shape[1] for m in mods)
+            if all(m.weight.shape[1] == context_dim for m in mods):
+                return [f"diffusion_model.{n}.weight" for n in names], (dm.get_submodule(norm) if norm else None)
+            break
+        else:
+            raise UnsupportedModelError(
+                f"model: {model_family(model)} has no text-entry projection TIME can edit (supported: SD1.x / SD2.x "
+                f"/ SDXL, Flux, Flux.2, Chroma, SD3, Qwen-Image, Wan, Lumina 2, Z-Image, HunyuanVideo)")
+        keys = []
+    else:
+        keys = []
+        for name, mod in dm.named_modules():
+            if name.endswith(("attn2.to_k", "attn2.to_v")) and hasattr(mod, "weight") and mod.weight.dim() == 2:
+                widths.add(mod.weight.shape[1])
+                if mod.weight.shape[1] == context_dim:
+                    keys.append(f"diffusion_model.{name}.weight")
+        if not widths:
+            raise UnsupportedModelError(
+                f"model: {model_family(model)} has no cross-attention (attn2) K / V projections; TIME edits the "
+                f"UNet families (SD1.x, SD2.x, SDXL) and the DiT families' text-entry projections")
     if not keys:
         takes = ", ".join(map(str, sorted(widths)))
         if source == "clip":
-            raise AttentionControlError(f"clip: gives {context_dim}-wide embeddings but this model's cross-attention "
-                                        f"takes {takes}; connect the checkpoint's own CLIP")
+            raise AttentionControlError(f"clip: gives {context_dim}-wide embeddings but this model's text "
+                                        f"projections take {takes}; connect the checkpoint's own CLIP")
         raise AttentionControlError(f"{source}: the edit was made for {context_dim}-wide text embeddings but this "
-                                    f"model's cross-attention takes {takes}; use an edit made with this model's CLIP")
-    return keys
+                                    f"model's text projections take {takes}; use an edit made with this model's CLIP")
+    return keys, None
+
+
+def projection_keys(model, context_dim: int, source: str = "clip") -> list[str]:
+    return edit_targets(model, context_dim, source)[0]
 
 
 def apply_edit(model, edit: TimeEdit, strength: float, source: str = "clip"):
     """A clone of `model` with the edit patched onto every K / V projection at `strength` (0: a plain clone).
     `source` is the input named when the edit's width does not fit the model."""
-    keys = projection_keys(model, edit.context_dim, source)
+    keys, norm = edit_targets(model, edit.context_dim, source)
+    want = "normed" if norm is not None else "raw"
+    if edit.meta.get("input", "raw") != want:
+        raise AttentionControlError(
+            f"{source}: this edit was fitted to {edit.meta.get('input', 'raw')} text embeddings, but this model's "
+            f"text projection takes {want} ones (Qwen-Image, Lumina 2 and Z-Image normalise each row first); "
+            f"derive the edit on this model with Edit Assumption (TIME)")
     m = model.clone()
     if strength == 0.0:
         return m
@@ -187,16 +306,35 @@ def apply_edit(model, edit: TimeEdit, strength: float, source: str = "clip"):
     return m
 
 
-def derive_edit(clip, source_prompts: str, destination_prompts: str, lam: float, augment: bool) -> TimeEdit:
-    if is_dit_clip(clip):
-        raise UnsupportedModelError("clip: this is a DiT family's text encoder; TIME edits are built for the SD1.x "
-                                    "/ SD2.x / SDXL CLIP text encoders so far")
+def fit_edit(model, c: torch.Tensor, cstar: torch.Tensor, lam: float, meta: dict) -> TimeEdit:
+    """The closed form for `model`'s edit targets: on the aligned embeddings themselves, or, where the model
+    normalises each context row before its text projection (Qwen-Image, Lumina 2, Z-Image), on the normalised
+    rows (the projection's actual inputs), with that model's norm."""
+    _keys, norm = edit_targets(model, c.shape[1])
+    meta = dict(meta, input="raw")
+    if norm is not None:
+        w = next(norm.parameters(), None)
+        dt, dev = (w.dtype, w.device) if w is not None else (torch.float32, torch.device("cpu"))
+        with torch.no_grad():
+            c, cstar = (norm(x.to(dev, dt)).float().cpu() for x in (c, cstar))
+        meta["input"] = "normed"
+    return time_edit(c, cstar, lam, meta=meta)
+
+
+def derive_edit(clip, source_prompts: str, destination_prompts: str, lam: float, augment: bool,
+                model=None) -> TimeEdit:
+    """The edit of `source_prompts` into `destination_prompts` (line-paired) from `clip`'s embeddings; with a
+    `model`, fitted to that model's text projections' inputs (see fit_edit)."""
     src, dst = check_prompt_lines(source_prompts, destination_prompts)
     t0 = time.perf_counter()
     with torch.no_grad():
-        c, cstar = aligned_embeddings(clip, src, dst, augment)
-        edit = time_edit(c, cstar, lam, meta={"source_prompts": src, "destination_prompts": dst,
-                                             "lambda": lam, "augment": augment})
+        if is_dit_clip(clip):
+            c, cstar = dit_aligned_embeddings(clip, src, dst, augment)
+        else:
+            c, cstar = aligned_embeddings(clip, src, dst, augment)
+        meta = {"source_prompts": src, "destination_prompts": dst, "lambda": lam, "augment": augment}
+        edit = fit_edit(model, c, cstar, lam, meta) if model is not None else \
+            time_edit(c, cstar, lam, meta=dict(meta, input="raw"))
     log.info("TIME edit: %d pair(s), %d positions, rank %d of %d, %.2f s", len(src), c.shape[0], edit.rank,
              edit.context_dim, time.perf_counter() - t0)
     return edit
@@ -282,7 +420,8 @@ class EditAssumption(io.ComfyNode):
                         "out (roses are red -> roses are blue) by a closed-form change of the K and V projections "
                         "of every cross-attention, so that the source prompt's words project like the destination's. "
                         "Applies as a weight patch, like a LoRA: strength 0 is the model unchanged, the MODEL "
-                        "upstream stays as it was. SD1.x / SD2.x / SDXL.",
+                        "upstream stays as it was. SD1.x / SD2.x / SDXL; on DiTs (Flux, SD3, Wan, Qwen-Image ...) "
+                        "the text-entry projection.",
             inputs=[
                 io.Model.Input("model", tooltip="The model to edit (LoRAs patched before this node are edited too)."),
                 io.Clip.Input("clip", tooltip="The model's own text encoder (after CLIP Set Last Layer, if you use "
@@ -312,7 +451,7 @@ class EditAssumption(io.ComfyNode):
     @classmethod
     def execute(cls, model, clip, source_prompts, destination_prompts, lambda_, augment, strength):
         check_widgets(cls, locals())
-        edit = derive_edit(clip, source_prompts, destination_prompts, lambda_, augment)
+        edit = derive_edit(clip, source_prompts, destination_prompts, lambda_, augment, model)
         return io.NodeOutput(apply_edit(model, edit, strength), edit)
 
 

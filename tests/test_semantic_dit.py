@@ -391,3 +391,52 @@ def test_dit_flow_inversion_reconstructs_real_images():
     # (the error's fall with the step count is tests/test_flow_inversion.py's)
     assert r[20]["objects"] >= 6 and r[20]["rel_err"] <= 0.3, r
     assert r[20]["iou"] >= 0.7 and r[20]["iou"] >= r[20]["iou_fresh"] + 0.5, r
+
+
+@functools.lru_cache(maxsize=1)
+def dit_time_measure():
+    """TIME 'a circle' -> 'a red circle' on the shapes-world DiT (the edit lands on txt_in, the Flux class's
+    text-entry projection), 16 images from one seed per prompt: the paper's efficacy ('a circle' red),
+    generality ('a circle on the left' red) and specificity ('a blue circle' stays blue, never red), each
+    against the plain model; and, as on the UNet, the edited model given 'a circle' against the plain model
+    given the destination's aligned embeddings."""
+    from attention_control.nodes import weight_edits as WE
+    model, clip, _ = S.load_dit()
+    n = 16
+    edited, _edit = WE.EditAssumption.execute(model, clip, "a circle", "a red circle", 0.1, True, 1.0).result
+    _c, aligned = WE.aligned_embeddings(clip, ["a circle"], ["a red circle"], False)
+    neg = S.encode(clip, [""] * n)
+
+    def run(m, prompt, ctx=None):
+        pos = S.encode(clip, [prompt] * n)
+        if ctx is not None:
+            pos = [[ctx.expand(n, -1, -1).contiguous(), pos[0][1]]]
+        return S.to_rgb(S.sample(m, pos, neg, M.latent(n, 32, 32), seed=0, cfg=S.DIT_CFG))
+
+    def count(imgs, colour):
+        return int(sum(E.colour_present(imgs[i], colour) for i in range(n)))
+
+    def dist(a, b):
+        return float((a - b).abs().mean())
+
+    ed, plain, ideal = run(edited, "a circle"), run(model, "a circle"), run(model, "a circle", aligned[None])
+    left_ed, left_plain = run(edited, "a circle on the left"), run(model, "a circle on the left")
+    blue_ed, blue_plain = run(edited, "a blue circle"), run(model, "a blue circle")
+    return {"n": n, "edited_to_ideal": dist(ed, ideal), "plain_to_ideal": dist(plain, ideal),
+            "red_edited": count(ed, "red"), "red_plain": count(plain, "red"), "red_ideal": count(ideal, "red"),
+            "left_red_edited": count(left_ed, "red"), "left_red_plain": count(left_plain, "red"),
+            "blue_kept": count(blue_ed, "blue"), "blue_plain": count(blue_plain, "blue"),
+            "blue_turned_red": count(blue_ed, "red")}
+
+
+def test_dit_time_edit_efficacy_generality_and_specificity():
+    """On the DiT the edit shows the paper's three effects, weakly (the random text encoder carries little of
+    the added word into the other tokens; the DiT's joint attention reads them): 'a circle' comes out red
+    3 of 16 times against 0 plain, 'a circle on the left' 3 against 0, 'a blue circle' stays blue 16 of 16
+    and never turns red; and the edited model draws what the destination's aligned embeddings draw."""
+    r = dit_time_measure()
+    print(f"SEMANTIC dit_time_edit {r}")
+    assert r["edited_to_ideal"] < 0.5 * r["plain_to_ideal"], r
+    assert r["red_edited"] >= r["red_plain"] + 2, r
+    assert r["left_red_edited"] >= r["left_red_plain"] + 2, r
+    assert r["blue_kept"] >= r["blue_plain"] - 1 and r["blue_turned_red"] == 0, r

@@ -201,7 +201,7 @@ def test_save_and_load_round_trip_exactly(sd15, sdxl, clip_l, tmp_path, monkeypa
     safetensors.torch.save_file(tensors, str(tmp_path / WE.FOLDER / "bad.safetensors"), metadata=meta)
     with pytest.raises(AttentionControlError, match="edit_name: 1 of .* not finite"):
         LoadAssumptionEdit.execute(sd15, "bad.safetensors", 1.0)
-    with pytest.raises(AttentionControlError, match="edit_name: the edit was made for 768-wide .* takes 2048"):
+    with pytest.raises(AttentionControlError, match="edit_name: the edit was made for 768-wide .* take 2048"):
         LoadAssumptionEdit.execute(sdxl, files[0], 1.0)
 
 
@@ -230,8 +230,10 @@ def test_named_errors(sd15, sdxl, clip_l):
     assert EditAssumption.validate_inputs(source_prompts="a circle", destination_prompts="a red circle") is True
     assert "lambda_" in EditAssumption.validate_inputs(lambda_=float("nan"))
     import ac_dit
-    with pytest.raises(UnsupportedModelError, match="model: .*transformer"):
+    with pytest.raises(AttentionControlError, match="clip: gives 768-wide embeddings .* take 32"):
         WE.projection_keys(ac_dit.tiny("Flux").patcher, 768)
+    with pytest.raises(UnsupportedModelError, match="model: .*no text-entry projection TIME can edit"):
+        WE.projection_keys(ac_dit.tiny("HiDream").patcher, 32)
 
 
 def test_edit_composes_with_attention_capture(sd15, clip_l):
