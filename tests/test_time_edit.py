@@ -2,6 +2,7 @@
 models (tiny SD1.5 / SDXL, random CLIP-L), strength, LoRA chaining, save / load, named errors, no leak."""
 import os
 
+import comfy.model_management
 import pytest
 import torch
 
@@ -10,6 +11,13 @@ from attention_control.attention.core import AttentionControlError, UnsupportedM
 from attention_control.attention.time_edit import AlignmentError, TimeEdit, align_positions, augmented, time_edit
 from attention_control.nodes import weight_edits as WE
 from attention_control.nodes.weight_edits import EditAssumption, LoadAssumptionEdit, SaveAssumptionEdit
+
+def _plain_sd(model):
+    """The model's own weights: the plain patcher loaded first (another test's clone may still be patched into
+    the shared model)."""
+    comfy.model_management.load_models_gpu([model])
+    return model.model.state_dict()
+
 
 
 def _random_edit_inputs(n, d, seed=0, same_rows=0):
@@ -96,14 +104,15 @@ def _weights(patcher, keys):
     return {k: comfy.lora.calculate_weight(patcher.patches[k], sd[k].float().clone(), k) for k in keys}
 
 
-def _loaded_weights(patcher, keys):
-    """The weights of the model as loaded for sampling (ModelPatcher.patch_model), then unpatched."""
-    patcher.patch_model()
+def _loaded_weights(patcher, keys, plain):
+    """The weights of the model as ComfyUI loads it for sampling (load_models_gpu patches the shared model in
+    place), then the plain patcher loaded again (which restores them)."""
+    comfy.model_management.load_models_gpu([patcher])
     try:
         sd = patcher.model.state_dict()
         return {k: sd[k].detach().clone() for k in keys}
     finally:
-        patcher.unpatch_model()
+        comfy.model_management.load_models_gpu([plain])
 
 
 def test_node_patches_every_cross_attention_k_and_v_with_the_closed_form(sd15, clip_l):
@@ -111,8 +120,8 @@ def test_node_patches_every_cross_attention_k_and_v_with_the_closed_form(sd15, c
     keys = WE.projection_keys(sd15, 768)
     assert len(keys) == 2 * sum(1 for n, _ in sd15.model.diffusion_model.named_modules() if n.endswith(".attn2"))
     assert set(m.patches) == set(keys)
-    base = {k: v.clone() for k, v in sd15.model.state_dict().items() if k in keys}
-    patched = _loaded_weights(m, keys)
+    base = {k: v.clone() for k, v in _plain_sd(sd15).items() if k in keys}
+    patched = _loaded_weights(m, keys, sd15)
     d = edit.matrix()
     for k in keys:
         torch.testing.assert_close(patched[k].double(), base[k].double() + base[k].double() @ d, rtol=1e-5, atol=1e-6)
@@ -123,7 +132,7 @@ def test_node_patches_every_cross_attention_k_and_v_with_the_closed_form(sd15, c
     after = (c.double() @ patched[k].double().T - cs.double() @ base[k].double().T).norm()
     assert after < 0.1 * before, (float(after), float(before))      # measured 0.052 (lambda 0.1)
     # and the plain model is untouched
-    after_sd = sd15.model.state_dict()
+    after_sd = _plain_sd(sd15)
     assert all(torch.equal(after_sd[k], base[k]) for k in keys)
 
 
@@ -139,7 +148,7 @@ def test_strength_zero_is_the_model_and_strength_scales_the_change(sd15, clip_l)
     # no leak: the plain model samples as before, bit for bit
     assert torch.equal(M.ksample(sd15, cond, unc, M.latent(1), seed=1, steps=3), base)
     keys = WE.projection_keys(sd15, 768)[:2]
-    w = {k: v.clone() for k, v in sd15.model.state_dict().items() if k in keys}
+    w = {k: v.clone() for k, v in _plain_sd(sd15).items() if k in keys}
     half = _weights(_edit(sd15, clip_l, strength=0.5)[0], keys)
     full = _weights(m1, keys)
     for k in keys:
@@ -157,7 +166,7 @@ def _lora_patch(weight, seed):
 @pytest.mark.parametrize("order", ["lora_first", "edit_first"])
 def test_chains_with_a_lora_in_either_order(sd15, clip_l, order):
     keys = WE.projection_keys(sd15, 768)
-    w = {k: v.clone() for k, v in sd15.model.state_dict().items() if k in keys}
+    w = {k: v.clone() for k, v in _plain_sd(sd15).items() if k in keys}
     loras = {k: _lora_patch(w[k], i) for i, k in enumerate(keys)}
     edit = WE.derive_edit(clip_l, "a circle", "a red circle", 0.1, False)
     if order == "lora_first":
@@ -211,7 +220,7 @@ def test_sdxl_cross_attention_is_edited_at_its_context_width(sdxl):
     keys = WE.projection_keys(sdxl, 2048)
     assert keys and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in keys)
     m = WE.apply_edit(sdxl, edit, 1.0)
-    w = sdxl.model.state_dict()[keys[-1]].clone()
+    w = _plain_sd(sdxl)[keys[-1]].clone()
     got = _weights(m, keys[-1:])[keys[-1]]
     torch.testing.assert_close(got.double(), w.double() + w.double() @ edit.matrix(), rtol=1e-5, atol=1e-5)
 
