@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 
 import torch
 from comfy_api.latest import io
@@ -21,6 +20,7 @@ import comfy.weight_adapter.base as wa_base
 from ..attention.core import AttentionControlError
 from ..attention.svdiff import SpectralShift, spectral_delta, svd_of
 from ..attention.validate import check_finite
+from . import weight_files
 from .common import CATEGORY, check_widgets, validation_result
 
 log = logging.getLogger("attention_control.svdiff")
@@ -244,16 +244,8 @@ def train_shifts(model, latents: torch.Tensor, positive: list, steps: int, lr: f
 # --------------------------------------------------------------------------------------------
 # files
 
-def _register_folder():
-    import folder_paths
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        dirs = [os.path.join(folder_paths.models_dir, FOLDER), os.path.join(folder_paths.get_output_directory(), FOLDER)]
-        folder_paths.folder_names_and_paths[FOLDER] = (dirs, {".safetensors"})
-    return folder_paths
-
-
 def shift_files() -> list[str]:
-    return _register_folder().get_filename_list(FOLDER)
+    return weight_files.listed(FOLDER)
 
 
 def save_shifts(shifts: dict, path: str, meta: dict | None = None) -> None:
@@ -343,11 +335,7 @@ class SaveSpectralShifts(io.ComfyNode):
 
     @classmethod
     def execute(cls, shifts, filename_prefix):
-        import folder_paths
-        prefix = filename_prefix.strip() or "spectral_shifts/svdiff"
-        full, name, counter, _sub, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
-        os.makedirs(full, exist_ok=True)
-        path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
+        path = weight_files.save_path(filename_prefix, "spectral_shifts/svdiff")
         save_shifts(shifts, path)
         log.info("SVDiff shifts saved: %s (%d weights)", path, len(shifts))
         return io.NodeOutput()
@@ -379,10 +367,7 @@ class LoadSpectralShifts(io.ComfyNode):
     @classmethod
     def execute(cls, model, shifts_name, scale):
         check_widgets(cls, locals())
-        path = _register_folder().get_full_path(FOLDER, shifts_name)
-        if path is None:
-            raise AttentionControlError(f"shifts_name: '{shifts_name}' is not in models/spectral_shifts/ or "
-                                        "output/spectral_shifts/")
+        path = weight_files.find(FOLDER, shifts_name, "shifts_name")
         shifts = load_shifts(path, shifts_name)
         return io.NodeOutput(apply_shifts(model, shifts, scale, "shifts_name"), shifts)
 

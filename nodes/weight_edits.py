@@ -20,6 +20,7 @@ from ..attention.dit_router import is_dit
 from ..attention.router import model_family
 from ..attention.time_edit import AlignmentError, TimeEdit, align_positions, augmented, time_edit
 from ..attention.validate import check_finite
+from . import weight_files
 from .common import CATEGORY, check_widgets, sd_tokenizer, validation_result
 from .dit_tokens import is_dit_clip
 
@@ -343,16 +344,8 @@ def derive_edit(clip, source_prompts: str, destination_prompts: str, lam: float,
 # --------------------------------------------------------------------------------------------
 # files
 
-def _register_folder():
-    import folder_paths
-    if FOLDER not in folder_paths.folder_names_and_paths:
-        dirs = [os.path.join(folder_paths.models_dir, FOLDER), os.path.join(folder_paths.get_output_directory(), FOLDER)]
-        folder_paths.folder_names_and_paths[FOLDER] = (dirs, {".safetensors"})
-    return folder_paths
-
-
 def edit_files() -> list[str]:
-    return _register_folder().get_filename_list(FOLDER)
+    return weight_files.listed(FOLDER)
 
 
 def edit_to_tensors(edit: TimeEdit) -> tuple[dict, dict]:
@@ -476,11 +469,7 @@ class SaveAssumptionEdit(io.ComfyNode):
 
     @classmethod
     def execute(cls, edit, filename_prefix):
-        import folder_paths
-        prefix = filename_prefix.strip() or "attention_edits/time_edit"
-        full, name, counter, sub, _ = folder_paths.get_save_image_path(prefix, folder_paths.get_output_directory())
-        os.makedirs(full, exist_ok=True)
-        path = os.path.join(full, f"{name}_{counter:05}_.safetensors")
+        path = weight_files.save_path(filename_prefix, "attention_edits/time_edit")
         save_edit(edit, path)
         log.info("TIME edit saved: %s (rank %d, width %d)", path, edit.rank, edit.context_dim)
         return io.NodeOutput()
@@ -513,10 +502,7 @@ class LoadAssumptionEdit(io.ComfyNode):
     @classmethod
     def execute(cls, model, edit_name, strength):
         check_widgets(cls, locals())
-        path = _register_folder().get_full_path(FOLDER, edit_name)
-        if path is None:
-            raise AttentionControlError(f"edit_name: '{edit_name}' is not in models/attention_edits/ or "
-                                        "output/attention_edits/")
+        path = weight_files.find(FOLDER, edit_name, "edit_name")
         edit = load_edit(path, edit_name)
         return io.NodeOutput(apply_edit(model, edit, strength, "edit_name"), edit)
 

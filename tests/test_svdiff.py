@@ -186,7 +186,8 @@ def test_save_and_load_round_trip(sd15, trained, tmp_path, monkeypatch):
     SV.save_shifts(bad, str(tmp_path / SV.FOLDER / "bad.safetensors"))
     with pytest.raises(AttentionControlError, match="shifts_name: 1 of .* not finite"):
         SV.LoadSpectralShifts.execute(sd15, "bad.safetensors", 1.0)
-    with pytest.raises(AttentionControlError, match="shifts_name: the shifts name 'diffusion_model.nope', which this model does not have"):
+    with pytest.raises(AttentionControlError,
+                       match="shifts_name: the shifts name 'diffusion_model.nope', which this model does not have"):
         SV.apply_shifts(sd15, {"diffusion_model.nope": torch.zeros(3)}, 1.0, "shifts_name")
     with pytest.raises(AttentionControlError, match=f"shifts_name: '{k0}' has 2 shifts"):
         SV.apply_shifts(sd15, {k0: torch.zeros(2)}, 1.0, "shifts_name")

@@ -8,7 +8,7 @@ import torch
 
 import ac_models as M
 from attention_control.attention.core import AttentionControlError, UnsupportedModelError
-from attention_control.attention.time_edit import AlignmentError, TimeEdit, align_positions, augmented, time_edit
+from attention_control.attention.time_edit import AlignmentError, align_positions, augmented, time_edit
 from attention_control.nodes import weight_edits as WE
 from attention_control.nodes.weight_edits import EditAssumption, LoadAssumptionEdit, SaveAssumptionEdit
 

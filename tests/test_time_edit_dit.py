@@ -81,7 +81,8 @@ def test_rows_align_on_the_familys_own_tokenizer(clips, monkeypatch, family):  #
     clip = clips(family)
     monkeypatch.setattr(comfy.sd1_clip.SDClipModel, "forward", _id_rows_forward)
     # the stand-in encoder has meta weights: encode without loading it (the rows come from the forward above)
-    monkeypatch.setattr(clip, "encode_from_tokens", lambda toks, **kw: clip.cond_stage_model.encode_token_weights(toks)[0])
+    monkeypatch.setattr(clip, "encode_from_tokens",
+                        lambda toks, **kw: clip.cond_stage_model.encode_token_weights(toks)[0])
     src, dst = "a circle", "a red circle"
     c, cs = WE.dit_aligned_embeddings(clip, [src], [dst], False)
     sctx, dctx = dit_context(clip, src), dit_context(clip, dst)
