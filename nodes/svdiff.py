@@ -6,8 +6,11 @@ image, weight wrappers (ModelPatcher.add_weight_wrapper) carrying the trainable 
 that core's Loss Graph node plots. The trained shifts are applied to the output MODEL as weight patches."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import re
+from dataclasses import dataclass
 
 import torch
 from comfy_api.latest import io
@@ -18,6 +21,8 @@ import comfy.utils
 import comfy.weight_adapter.base as wa_base
 
 from ..attention.core import AttentionControlError
+from ..attention.dit_router import is_dit
+from ..attention.grad import WeightReferences
 from ..attention.svdiff import SpectralShift, spectral_delta, svd_of
 from ..attention.validate import check_finite
 from . import weight_files
@@ -26,10 +31,12 @@ from .common import CATEGORY, check_widgets, validation_result
 log = logging.getLogger("attention_control.svdiff")
 
 ShiftsType = io.Custom("ATTNCTL_SPECTRAL_SHIFTS")
+CutMixType = io.Custom("ATTNCTL_CUT_MIX")
 LossMapType = io.Custom("LOSS_MAP")              # core's type: its Loss Graph node plots it
 FOLDER = "spectral_shifts"
 FORMAT = "attention_control.svdiff/1"
 SUFFIX = ".delta"
+UNMIX_WEIGHT = 1.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -164,13 +171,62 @@ def _fresh_conds(x):
     return x
 
 
+@dataclass
+class CutMix:
+    """Cut-Mix-Unmix (SVDiff section 3.2): a second subject's images and caption, the mixed captions
+    (caption conditioning, prompt length, [(token positions, half) of word_a, of word_b], whether
+    word_a's subject is on the left), the share of training samples that are mixes and the unmix
+    weight."""
+    latents: torch.Tensor
+    positive: list
+    mixes: list
+    fraction: float
+    weight: float
+
+    def __deepcopy__(self, memo):
+        return self
+
+
+def _cut_mix(a: torch.Tensor, b: torch.Tensor, a_left: bool) -> torch.Tensor:
+    """The left half of one latent joined to the right half of the other (split at width // 2)."""
+    cut = a.shape[-1] // 2
+    left, right = (a, b) if a_left else (b, a)
+    return torch.cat([left[..., :cut], right[..., cut:]], dim=-1)
+
+
 class _ShiftSampler(comfy.samplers.Sampler):
     """The training loop, run by a Guider_Basic as core's TrainSampler is: per step, `batch` images drawn with
-    the seed's generator, noise level percent_to_sigma(u), u ~ U(0, 1), x0-prediction MSE, Adam on the shifts."""
+    the seed's generator, noise level percent_to_sigma(u), u ~ U(0, 1), x0-prediction MSE, AdamW on the shifts.
+    Items are run in groups of one caption each (ComfyUI applies every conditioning of a list to every batch
+    item and averages them). With Cut-Mix, each drawn item is replaced by a mix with probability
+    `cut_mix.fraction` and the unmix term is added with its weight."""
 
-    def __init__(self, params, lr, steps, batch, seed, losses):
+    def __init__(self, params, lr, steps, batch, seed, losses, n_a=0, cut_mix=None, plan=None):
         self.params, self.steps, self.batch, self.seed, self.losses = params, steps, batch, seed, losses
         self.opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+        self.n_a, self.cut_mix, self.plan = n_a, cut_mix, plan
+        self.unmix: list[float] = []
+
+    def _draw(self, g, latent_image):
+        """-> (x0 of the step's items, the conditioning index of each)."""
+        n = latent_image.shape[0]
+        idx = torch.randperm(n, generator=g)[: self.batch].tolist()
+        cm = self.cut_mix
+        if cm is None:
+            return latent_image[idx], idx
+        xs, ci = [], []
+        n_b = n - self.n_a
+        for i in idx:
+            if float(torch.rand(1, generator=g)) < cm.fraction:
+                ia = int(torch.randint(self.n_a, (1,), generator=g))
+                ib = self.n_a + int(torch.randint(n_b, (1,), generator=g))
+                m = int(torch.randint(len(cm.mixes), (1,), generator=g))
+                xs.append(_cut_mix(latent_image[ia], latent_image[ib], cm.mixes[m][3]))
+                ci.append(n + m)
+            else:
+                xs.append(latent_image[i])
+                ci.append(i)
+        return torch.stack(xs), ci
 
     def sample(self, model_wrap, sigmas, extra_args, callback, noise, latent_image=None, denoise_mask=None,
                disable_pbar=False):
@@ -181,15 +237,30 @@ class _ShiftSampler(comfy.samplers.Sampler):
         pbar = comfy.utils.ProgressBar(self.steps)
         for _step in range(self.steps):
             comfy.model_management.throw_exception_if_processing_interrupted()
-            idx = torch.randperm(n, generator=g)[: self.batch].tolist()
-            x0 = latent_image[idx]
+            x0, ci = self._draw(g, latent_image)
             eps = torch.randn(x0.shape, generator=g).to(x0)
-            sig = torch.tensor([float(ms.percent_to_sigma(float(torch.rand(1, generator=g)))) for _ in idx]).to(x0)
+            sig = torch.tensor([float(ms.percent_to_sigma(float(torch.rand(1, generator=g)))) for _ in ci]).to(x0)
             xt = ms.noise_scaling(sig, eps, x0, False)
             target = ms.noise_scaling(torch.zeros_like(sig), torch.zeros_like(eps), x0, False)
-            model_wrap.conds["positive"] = [conds[i] for i in idx]
-            pred = model_wrap(xt, sig, **extra_args)
-            loss = torch.nn.functional.mse_loss(pred.float(), target.float())
+            sse, unmix, n_mixed = 0.0, 0.0, 0
+            for c in dict.fromkeys(ci):
+                rows = [j for j, cj in enumerate(ci) if cj == c]
+                model_wrap.conds["positive"] = [conds[c]]
+                mix = self.cut_mix.mixes[c - n] if c >= n else None
+                if mix is not None:
+                    self.plan.start(mix[1], mix[2])
+                try:
+                    pred = model_wrap(xt[rows], sig[rows], **extra_args)
+                finally:
+                    u = self.plan.stop() if mix is not None else None
+                sse = sse + ((pred.float() - target[rows].float()) ** 2).sum()
+                if u is not None:
+                    unmix, n_mixed = unmix + u * len(rows), n_mixed + len(rows)
+            loss = sse / target.numel()
+            if n_mixed:
+                unmix = unmix / n_mixed
+                loss = loss + self.cut_mix.weight * unmix
+                self.unmix.append(float(unmix.detach()))
             self.opt.zero_grad(set_to_none=True)
             loss.backward()
             self.opt.step()
@@ -199,16 +270,38 @@ class _ShiftSampler(comfy.samplers.Sampler):
         return torch.zeros_like(latent_image)
 
 
-def train_shifts(model, latents: torch.Tensor, positive: list, steps: int, lr: float, batch: int, seed: int):
-    """Trained shifts {module name: (k,) float32} and the per-step losses."""
+def _per_image(positive: list, n: int, name: str) -> list:
+    if len(positive) == 1 and n > 1:
+        return positive * n
+    if len(positive) != n:
+        raise AttentionControlError(f"{name}: {len(positive)} conditionings for {n} latents; give one for all "
+                                    f"(a prompt with the rare token) or one per image")
+    return list(positive)
+
+
+def train_shifts(model, latents: torch.Tensor, positive: list, steps: int, lr: float, batch: int, seed: int,
+                 cut_mix: CutMix | None = None):
+    """Trained shifts {module name: (k,) float32}, the per-step losses and (with Cut-Mix) the per-step unmix
+    terms."""
     import comfy_extras.nodes_custom_sampler as cs
     n = latents.shape[0]
-    if len(positive) == 1 and n > 1:
-        positive = positive * n
-    if len(positive) != n:
-        raise AttentionControlError(f"positive: {len(positive)} conditionings for {n} latents; give one for all "
-                                    f"(a prompt with the rare token) or one per image")
+    positive = _per_image(positive, n, "positive")
+    lat = latents.float()
+    plan = None
+    if cut_mix is not None:
+        lb = cut_mix.latents
+        if tuple(lb.shape[1:]) != tuple(latents.shape[1:]):
+            raise AttentionControlError(f"latents_b: the second subject's latents are {tuple(lb.shape[1:])}, the "
+                                        f"first's {tuple(latents.shape[1:])}; encode both at the same size")
+        positive = positive + _per_image(cut_mix.positive, lb.shape[0], "positive_b") + \
+            [m[0] for m in cut_mix.mixes]
+        lat = torch.cat([lat, lb.float()])
     mp = model.clone()
+    if cut_mix is not None:
+        from ..attention.router import attach
+        from ..attention.unmix import DitUnmixController, UnmixController, UnmixPlan
+        plan = UnmixPlan()
+        mp = attach(mp, (DitUnmixController if is_dit(mp) else UnmixController)(plan))
     # load it first: the shared weights then are this MODEL's (its own patches, e.g. a LoRA, applied), not those
     # of another clone of the same checkpoint that was loaded last
     comfy.model_management.load_models_gpu([mp])
@@ -231,14 +324,19 @@ def train_shifts(model, latents: torch.Tensor, positive: list, steps: int, lr: f
         params = [m.shift for m in shifts.values()]
         for p in params:
             p.requires_grad_(True)
-        sampler = _ShiftSampler(params, lr, steps, batch, seed, losses)
+        sampler = _ShiftSampler(params, lr, steps, batch, seed, losses, n, cut_mix, plan)
         guider = cs.Guider_Basic(mp)
         guider.set_conds(positive)
-        lat = latents.float().clone()
-        guider.sample(torch.zeros_like(lat), lat, sampler, torch.arange(n, dtype=torch.float32), seed=seed)
+        lat = lat.clone()
+        # Flux / Chroma blocks add into their residual stream in place after normalising it (`img += ...`):
+        # their norms get a copy of the input (attention/grad.py), which autograd then saves
+        norms = WeightReferences(norm_input_copies=True) if is_dit(mp) else contextlib.nullcontext()
+        with norms:
+            guider.sample(torch.zeros_like(lat), lat, sampler, torch.arange(lat.shape[0], dtype=torch.float32),
+                          seed=seed)
         out = {name: m.shift.detach().float().cpu().clone() for name, m in shifts.items()}
     comfy.model_management.soft_empty_cache()
-    return out, losses
+    return out, losses, sampler.unmix
 
 
 # --------------------------------------------------------------------------------------------
@@ -295,6 +393,9 @@ class TrainSpectralShifts(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF,
                              tooltip="Draws the images, noise levels and noise of every step: the same seed "
                                      "trains the same shifts."),
+                CutMixType.Input("cut_mix", optional=True,
+                                 tooltip="Cut-Mix-Unmix (Cut-Mix-Unmix node): also train on left/right mixes with "
+                                         "a second subject, so that prompts can name both."),
             ],
             outputs=[io.Model.Output(display_name="MODEL"), ShiftsType.Output(display_name="shifts"),
                      LossMapType.Output(display_name="loss_map")],
@@ -305,16 +406,121 @@ class TrainSpectralShifts(io.ComfyNode):
         return validation_result(cls, locals())
 
     @classmethod
-    def execute(cls, model, latents, positive, steps, learning_rate, batch_size, seed):
+    def execute(cls, model, latents, positive, steps, learning_rate, batch_size, seed, cut_mix=None):
         check_widgets(cls, locals())
-        lat = latents["samples"]
-        check_finite("latents", lat, "re-encode the images with VAEEncode")
+        lat = _training_latents(latents, "latents")
         if not positive:
             raise AttentionControlError("positive: connect the images' caption (a prompt with a rare token)")
-        shifts, losses = train_shifts(model, lat, positive, steps, learning_rate, batch_size, seed)
+        shifts, losses, unmix = train_shifts(model, lat, positive, steps, learning_rate, batch_size, seed, cut_mix)
         log.info("SVDiff: %d weights, %d shifts, loss %.4f -> %.4f over %d steps", len(shifts),
                  sum(v.numel() for v in shifts.values()), losses[0], losses[-1], steps)
-        return io.NodeOutput(apply_shifts(model, shifts, 1.0), shifts, {"loss": losses})
+        loss_map = {"loss": losses}
+        if cut_mix is not None:
+            loss_map["unmix"] = unmix
+        return io.NodeOutput(apply_shifts(model, shifts, 1.0), shifts, loss_map)
+
+
+def _training_latents(latents, name: str) -> torch.Tensor:
+    lat = latents.get("samples") if isinstance(latents, dict) else None
+    if not torch.is_tensor(lat) or lat.dim() < 4 or lat.shape[0] == 0:
+        raise AttentionControlError(f"{name}: give at least one image (a LATENT batch from VAEEncode); "
+                                    f"got {tuple(lat.shape) if torch.is_tensor(lat) else type(lat).__name__}")
+    check_finite(name, lat, "re-encode the images with VAEEncode")
+    return lat
+
+
+_SIDES = re.compile(r"\b(left|right)\b", re.IGNORECASE)
+
+
+def _swap_sides(text: str) -> str:
+    def sub(m):
+        w = m.group(0)
+        o = {"left": "right", "right": "left"}[w.lower()]
+        return o.capitalize() if w[0].isupper() else o
+    return _SIDES.sub(sub, text)
+
+
+def build_cut_mix(clip, latents_b, positive_b, mix_prompt: str, word_a: str, word_b: str, fraction: float,
+                  weight: float) -> CutMix:
+    """The CutMix of the node: the mixed caption encoded (and its left/right swap when it names both sides)
+    with the positions of the two words in each; errors name the input."""
+    from .common import resolve_words
+    lb = _training_latents(latents_b, "latents_b")
+    if not positive_b:
+        raise AttentionControlError("positive_b: connect the second subject's caption (with its rare token)")
+    text = (mix_prompt or "").strip()
+    if not text:
+        raise AttentionControlError("mix_prompt: describe both subjects, e.g. 'a sks dog on the left and a zwx "
+                                    "cat on the right'")
+    for name, w in (("word_a", word_a), ("word_b", word_b)):
+        if not (w or "").strip() or "," in w:
+            raise AttentionControlError(f"{name}: give the subject's rare token (one word of mix_prompt)")
+    if word_a.strip().lower() == word_b.strip().lower():
+        raise AttentionControlError("word_b: it is the same word as word_a; give each subject its own token")
+    lower = {m.group(0).lower() for m in _SIDES.finditer(text)}
+    variants = [(text, True)] + ([(_swap_sides(text), False)] if lower == {"left", "right"} else [])
+    mixes = []
+    for t, a_left in variants:
+        pa, plen = resolve_words(clip, t, word_a.strip(), input_name="word_a")
+        pb, _ = resolve_words(clip, t, word_b.strip(), input_name="word_b")
+        cond = clip.encode_from_tokens_scheduled(clip.tokenize(t))
+        if len(cond) != 1:
+            raise AttentionControlError(f"clip: the mix prompt encodes to {len(cond)} conditionings (scheduled "
+                                        f"hooks on the CLIP); train without hooks")
+        from ..attention.unmix import LEFT, RIGHT
+        objects = [(list(pa[0].positions), LEFT if a_left else RIGHT), (list(pb[0].positions), RIGHT if a_left else LEFT)]
+        mixes.append((cond[0], plen, objects, a_left))
+    return CutMix(lb, list(positive_b), mixes, float(fraction), float(weight))
+
+
+class CutMixUnmix(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_CutMixUnmix",
+            display_name="Cut-Mix-Unmix (SVDiff)",
+            category=f"{CATEGORY}/weights",
+            description="SVDiff's augmentation for two subjects: training samples that join one subject's image "
+                        "(left half) with the other's (right half), captioned with both rare tokens, and the unmix "
+                        "regularisation that keeps each token's cross-attention on its own half. Connect it to "
+                        "Train Spectral Shifts (cut_mix); its latents / positive are the first subject.",
+            inputs=[
+                io.Clip.Input("clip", tooltip="Encodes the mixed caption (the CLIP of the model you train)."),
+                io.Latent.Input("latents_b", tooltip="The second subject's training images (same size as the "
+                                                      "first's)."),
+                io.Conditioning.Input("positive_b", tooltip="The second subject's caption, with its rare token."),
+                io.String.Input("mix_prompt", multiline=True,
+                                default="a sks square on the left and a zwx circle on the right",
+                                tooltip="Caption of a mix: word_a's subject on the left, word_b's on the right. When "
+                                        "it names both 'left' and 'right', half the mixes swap the halves and the "
+                                        "caption's sides."),
+                io.String.Input("word_a", default="sks", tooltip="The first subject's rare token in mix_prompt."),
+                io.String.Input("word_b", default="zwx", tooltip="The second subject's rare token in mix_prompt."),
+                io.Float.Input("mix_fraction", default=0.5, min=0.0, max=1.0, step=0.05,
+                               tooltip="Share of the training samples that are mixes."),
+                io.Float.Input("unmix_weight", default=UNMIX_WEIGHT, min=0.0, max=100.0, step=0.01,
+                               tooltip="Weight of the unmix term (the squared share of each token's attention on "
+                                       "the other half); 0: Cut-Mix alone."),
+            ],
+            outputs=[CutMixType.Output(display_name="cut_mix")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, mix_prompt=None, word_a=None, word_b=None, mix_fraction=None, unmix_weight=None):
+        def extra(v):
+            for name in ("word_a", "word_b"):
+                w = v.get(name)
+                if w is not None and (not w.strip() or "," in w):
+                    raise AttentionControlError(f"{name}: give the subject's rare token (one word of mix_prompt)")
+            if v.get("mix_prompt") is not None and not v["mix_prompt"].strip():
+                raise AttentionControlError("mix_prompt: describe both subjects")
+        return validation_result(cls, locals(), extra)
+
+    @classmethod
+    def execute(cls, clip, latents_b, positive_b, mix_prompt, word_a, word_b, mix_fraction, unmix_weight):
+        check_widgets(cls, locals())
+        return io.NodeOutput(build_cut_mix(clip, latents_b, positive_b, mix_prompt, word_a, word_b, mix_fraction,
+                                           unmix_weight))
 
 
 class SaveSpectralShifts(io.ComfyNode):
@@ -372,4 +578,4 @@ class LoadSpectralShifts(io.ComfyNode):
         return io.NodeOutput(apply_shifts(model, shifts, scale, "shifts_name"), shifts)
 
 
-NODES = [TrainSpectralShifts, SaveSpectralShifts, LoadSpectralShifts]
+NODES = [TrainSpectralShifts, CutMixUnmix, SaveSpectralShifts, LoadSpectralShifts]

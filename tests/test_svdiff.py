@@ -10,6 +10,7 @@ import torch
 
 import ac_models as M
 from attention_control.attention.core import AttentionControlError
+from attention_control.attention.router import discover_sites
 from attention_control.attention.svdiff import SpectralShift, spectral_delta, svd_of
 from attention_control.nodes import svdiff as SV
 
@@ -202,3 +203,145 @@ def test_train_named_errors(sd15, data):
     with pytest.raises(AttentionControlError, match="latents: 1 of"):
         SV.TrainSpectralShifts.execute(sd15, {"samples": bad}, pos, 1, 0.01, 1, 0)
     assert "learning_rate" in SV.TrainSpectralShifts.validate_inputs(learning_rate=float("nan"))
+
+
+def test_train_refuses_an_empty_batch(sd15, data):
+    _lat, pos = data
+    for bad in ({"samples": torch.zeros(0, 4, 16, 16)}, {}):
+        with pytest.raises(AttentionControlError, match="latents: give at least one image"):
+            SV.TrainSpectralShifts.execute(sd15, bad, pos, 1, 0.01, 1, 0)
+
+
+# --------------------------------------------------------------------------------------------
+# Cut-Mix-Unmix
+
+@pytest.fixture(scope="module")
+def second(clip_l):
+    g = torch.Generator().manual_seed(4)
+    return torch.randn(3, 4, 16, 16, generator=g) * 0.5, [[clip_l.encode_from_tokens(clip_l.tokenize("a photo of zwx")), {}]]
+
+
+def _cut_mix(clip, second, prompt="a sks dog and a zwx cat", fraction=1.0, weight=1.0):
+    lb, pb = second
+    return SV.CutMixUnmix.execute(clip, {"samples": lb}, pb, prompt, "sks", "zwx", fraction, weight).result[0]
+
+
+def test_cut_mix_joins_halves_and_swaps_the_sides_of_the_caption(clip_l, second):
+    a, b = torch.zeros(4, 6, 7), torch.ones(4, 6, 7)
+    m = SV._cut_mix(a, b, True)
+    assert torch.equal(m[..., :3], a[..., :3]) and torch.equal(m[..., 3:], b[..., 3:])
+    assert torch.equal(SV._cut_mix(a, b, False)[..., :3], b[..., :3])
+    cm = _cut_mix(clip_l, second, "a sks dog on the Left and a zwx cat on the right")
+    assert [m[3] for m in cm.mixes] == [True, False]
+    assert SV._swap_sides("a sks dog on the Left and a zwx cat on the right") == \
+        "a sks dog on the Right and a zwx cat on the left"
+    (_c0, n0, obj0, _), (_c1, _n1, obj1, _) = cm.mixes
+    assert n0 == 77 and [o[1].x0 for o in obj0] == [0.0, 0.5] and [o[1].x0 for o in obj1] == [0.5, 0.0]
+    assert obj0[0][0] == [2] and obj0[1][0] == obj1[1][0] and len(obj0[1][0]) >= 1
+    assert len(_cut_mix(clip_l, second).mixes) == 1                    # no sides named: word_a on the left only
+
+
+def _sites_patch(model, fn):
+    """A clone with `fn` as ComfyUI's attn2 replace patch at every cross-attention site."""
+    m = model.clone()
+    for s in discover_sites(model):
+        if s.kind == "cross":
+            m.set_model_attn2_replace(fn, s.block[0], s.block[1], s.index)
+    return m
+
+
+def test_unmix_term_equals_the_naive_share_on_every_cross_layer(sd15, clip_l, data, second):
+    """One training step with mixes only: the reported unmix term equals the float64 mean over cross layers,
+    heads, token positions and both words of (1 - attention share on the word's own half)^2."""
+    import comfy.ldm.modules.attention as A
+    lat, pos = data
+    cm = _cut_mix(clip_l, second)
+    (_c, plen, objects, _a_left), = cm.mixes
+    naive = []
+
+    def patch(q, k, v, extra):
+        heads = extra["n_heads"]
+        with torch.no_grad():
+            h, w = extra["activations_shape"][-2:]
+            qh = q.double().reshape(q.shape[0], q.shape[1], heads, -1).transpose(1, 2)
+            kh = k.double().reshape(k.shape[0], k.shape[1], heads, -1).transpose(1, 2)
+            p = (qh @ kh.transpose(-1, -2) * qh.shape[-1] ** -0.5).softmax(-1)          # (B, H, N, 77)
+            cols = torch.arange(w, dtype=torch.float64) + 0.5
+            for positions, box in objects:
+                half = ((cols >= box.x0 * w) & (cols < box.x1 * w)).double().repeat(h)   # (N,)
+                a = p[..., positions]
+                share = (a * half[None, None, :, None]).sum(2) / a.sum(2)
+                naive.append(float(((1 - share) ** 2).mean()))
+        return A.optimized_attention(q, k, v, heads)
+
+    m = _sites_patch(sd15, patch)
+    with torch.inference_mode():
+        _m, _s, lm = SV.TrainSpectralShifts.execute(m, {"samples": lat}, pos, 1, 1e-6, 2, 0, cm).result
+    n_cross = sum(1 for s in discover_sites(sd15) if s.kind == "cross")
+    assert len(naive) == 2 * n_cross                       # every cross layer, both words
+    assert lm["unmix"] and lm["unmix"][0] == pytest.approx(sum(naive) / len(naive), rel=1e-4)
+
+
+def test_each_model_call_sees_one_caption(sd15, clip_l, data, second):
+    """ComfyUI applies every conditioning of a list to every item: the trainer runs one call per caption,
+    so that images, the second subject and the mixes each get their own."""
+    lat, pos = data
+    calls = []
+
+    def wrapper(apply, args):
+        calls.append((args["input"].shape[0], args["c"]["c_crossattn"].clone()))
+        return apply(args["input"], args["timestep"], **args["c"])
+
+    m = sd15.clone()
+    m.set_model_unet_function_wrapper(wrapper)
+    cm = _cut_mix(clip_l, second, fraction=0.5)
+    with torch.inference_mode():
+        SV.TrainSpectralShifts.execute(m, {"samples": lat}, pos, 6, 1e-6, 4, 0, cm)
+    assert sum(n for n, _ in calls) == 6 * 4
+    caps = [cm.mixes[0][0][0], pos[0][0], second[1][0][0]]
+    seen = set()
+    for n, ctx in calls:
+        assert ctx.shape[0] == n and all(torch.equal(ctx[i], ctx[0]) for i in range(n))
+        seen.add(next(j for j, c in enumerate(caps) if torch.allclose(ctx[0], c[0].to(ctx), atol=1e-5)))
+    assert seen == {0, 1, 2}                                 # mixes, the first subject and the second were drawn
+
+
+def test_cut_mix_named_errors(sd15, clip_l, data, second):
+    lat, pos = data
+    lb, pb = second
+    run = SV.CutMixUnmix.execute
+    with pytest.raises(AttentionControlError, match="word_a: 'sks' is not in the prompt"):
+        run(clip_l, {"samples": lb}, pb, "a dog and a zwx cat", "sks", "zwx", 0.5, 1.0)
+    with pytest.raises(AttentionControlError, match="word_b: it is the same word as word_a"):
+        run(clip_l, {"samples": lb}, pb, "a sks dog", "sks", "SKS", 0.5, 1.0)
+    with pytest.raises(AttentionControlError, match="latents_b: give at least one image"):
+        run(clip_l, {"samples": lb[:0]}, pb, "a sks dog and a zwx cat", "sks", "zwx", 0.5, 1.0)
+    with pytest.raises(AttentionControlError, match="unmix_weight"):
+        run(clip_l, {"samples": lb}, pb, "a sks dog and a zwx cat", "sks", "zwx", 0.5, float("nan"))
+    assert "word_a" in SV.CutMixUnmix.validate_inputs(word_a="sks, dog")
+    assert "mix_fraction" in SV.CutMixUnmix.validate_inputs(mix_fraction=1.5)
+    assert SV.CutMixUnmix.validate_inputs(mix_prompt="a sks and a zwx", word_a="sks", word_b="zwx") is True
+    small = {"samples": torch.zeros(2, 4, 8, 8)}
+    cm = SV.CutMixUnmix.execute(clip_l, small, pb, "a sks dog and a zwx cat", "sks", "zwx", 0.5, 1.0).result[0]
+    with pytest.raises(AttentionControlError, match=r"latents_b: the second subject's latents are \(4, 8, 8\)"):
+        SV.TrainSpectralShifts.execute(sd15, {"samples": lat}, pos, 1, 0.01, 1, 0, cm)
+
+
+@pytest.mark.parametrize("family", ["Flux", "SD3", "Wan"])
+def test_cut_mix_unmix_trains_a_dit(family):
+    """SVDiff trains DiTs (Flux's in-place residual writes included). On DiTs the unmix term reads the image-query x text-key probabilities (Flux: joint attention; Wan:
+    cross-attention); the trainer runs, and the term is a share in (0, 1)."""
+    from ac_dit import SAMPLE_CONDS, TXT, tiny
+    from attention_control.attention.unmix import LEFT, RIGHT
+    t = tiny(family)
+    g = torch.Generator().manual_seed(2)
+    shape = (2,) + tuple(t.x.shape[1:])
+    la, lb = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    def cond():
+        return [[torch.randn(1, TXT, 32, generator=g), SAMPLE_CONDS[family](g)]]
+    objects = [([1], LEFT), ([3, 4], RIGHT)]
+    cm = SV.CutMix(lb, cond(), [(cond()[0], TXT, objects, True)], 1.0, 1.0)
+    with torch.inference_mode():
+        _m, shifts, lm = SV.TrainSpectralShifts.execute(t.patcher, {"samples": la}, cond(), 2, 0.01, 2, 0, cm).result
+    assert len(lm["unmix"]) == 2 and all(0.0 < u < 1.0 for u in lm["unmix"]), lm
+    assert any(float(v.abs().sum()) > 0 for v in shifts.values())
