@@ -62,13 +62,28 @@ class UnmixPlan:
         self.terms += e.numel() * len(objects)
 
 
-def _columns(objects, prompt_len: int, key_len: int, offset=None):
-    cols = []
-    for pos, _box in objects:
-        c = token_columns(pos, prompt_len, key_len)
-        cols.append(c if offset is None else offset(c))
-    uniq = list(dict.fromkeys(x for c in cols for x in c))
-    return cols, uniq
+class _Layout:
+    """Per (objects, prompt length, key length, grid, device): the unique key columns of the tokens and,
+    per object, (indices into them, its half as a (N,) cover); cached, as every layer of a resolution
+    asks the same (`tag`: what else the columns depend on, a DiT call's text offset and stream)."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def __call__(self, objects, prompt_len: int, key_len: int, grid: tuple, device, offset=None, tag=None):
+        key = (tuple((tuple(p), b) for p, b in objects), prompt_len, key_len, grid, str(device), tag)
+        hit = self._cache.get(key)
+        if hit is None:
+            f, h, w = grid
+            cols = []
+            for pos, _box in objects:
+                c = token_columns(pos, prompt_len, key_len)
+                cols.append(c if offset is None else offset(c))
+            uniq = list(dict.fromkeys(x for c in cols for x in c))
+            local = [([uniq.index(c) for c in cc], box_cells(box, h, w, device).flatten().repeat(f))
+                     for cc, (_p, box) in zip(cols, objects)]
+            hit = self._cache[key] = (uniq, local)
+        return hit
 
 
 class UnmixController(Controller):
@@ -78,6 +93,7 @@ class UnmixController(Controller):
 
     def __init__(self, plan: UnmixPlan):
         self.plan = plan
+        self.layout = _Layout()
 
     def wants(self, site) -> bool:
         return site.kind == "cross"
@@ -90,11 +106,9 @@ class UnmixController(Controller):
         if cur is None or not torch.is_grad_enabled() or not call.plain:
             return nxt(q, k, v)
         prompt_len, objects = cur
-        cols, uniq = _columns(objects, prompt_len, k.shape[1])
+        uniq, local = self.layout(objects, prompt_len, k.shape[1], (1, call.h, call.w), q.device)
         heads = call.site.heads
         probs = phrase_probs(split_heads(q, heads), split_heads(k, heads), slice(None), uniq)   # (R, H, N, U)
-        local = [([uniq.index(c) for c in cc], box_cells(box, call.h, call.w, q.device).flatten())
-                 for cc, (_p, box) in zip(cols, objects)]
         self.plan.add(probs, local)
         return nxt(q, k, v)
 
@@ -106,6 +120,7 @@ class DitUnmixController(DitController):
 
     def __init__(self, plan: UnmixPlan):
         self.plan = plan
+        self.layout = _Layout()
 
     def attend(self, call):
         cur = self.plan.current
@@ -113,12 +128,9 @@ class DitUnmixController(DitController):
                 or call.geometry is None:
             return None
         prompt_len, objects = cur
-        g = call.geometry
-        f, h, w = call.grid
-        cols, uniq = _columns(objects, prompt_len, g.context_len, call.key_columns)
+        uniq, local = self.layout(objects, prompt_len, call.geometry.context_len, tuple(call.grid), call.q.device,
+                                  call.key_columns, (call.k_text.start, call.site.stream))
         q, k = call.split_heads(call.q), call.split_heads(call.k)
         probs = phrase_probs(q, k, call.q_image, uniq, call.mask)                              # (R, H, N_img, U)
-        local = [([uniq.index(c) for c in cc], box_cells(box, h, w, q.device).flatten().repeat(f))
-                 for cc, (_p, box) in zip(cols, objects)]
         self.plan.add(probs, local)
         return None

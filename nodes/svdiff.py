@@ -23,10 +23,12 @@ import comfy.weight_adapter.base as wa_base
 from ..attention.core import AttentionControlError
 from ..attention.dit_router import is_dit
 from ..attention.grad import WeightReferences
+from ..attention.router import attach
 from ..attention.svdiff import SpectralShift, spectral_delta, svd_of
+from ..attention.unmix import LEFT, RIGHT, DitUnmixController, UnmixController, UnmixPlan
 from ..attention.validate import check_finite
 from . import weight_files
-from .common import CATEGORY, check_widgets, validation_result
+from .common import CATEGORY, check_widgets, resolve_words, validation_result
 
 log = logging.getLogger("attention_control.svdiff")
 
@@ -298,8 +300,6 @@ def train_shifts(model, latents: torch.Tensor, positive: list, steps: int, lr: f
         lat = torch.cat([lat, lb.float()])
     mp = model.clone()
     if cut_mix is not None:
-        from ..attention.router import attach
-        from ..attention.unmix import DitUnmixController, UnmixController, UnmixPlan
         plan = UnmixPlan()
         mp = attach(mp, (DitUnmixController if is_dit(mp) else UnmixController)(plan))
     # load it first: the shared weights then are this MODEL's (its own patches, e.g. a LoRA, applied), not those
@@ -440,11 +440,19 @@ def _swap_sides(text: str) -> str:
     return _SIDES.sub(sub, text)
 
 
+def _check_words(word_a, word_b) -> None:
+    """The two rare tokens: each one word, not the same (None: not given yet, as in validate_inputs)."""
+    for name, w in (("word_a", word_a), ("word_b", word_b)):
+        if w is not None and (not w.strip() or "," in w):
+            raise AttentionControlError(f"{name}: give the subject's rare token (one word of mix_prompt)")
+    if word_a is not None and word_b is not None and word_a.strip().lower() == word_b.strip().lower():
+        raise AttentionControlError("word_b: it is the same word as word_a; give each subject its own token")
+
+
 def build_cut_mix(clip, latents_b, positive_b, mix_prompt: str, word_a: str, word_b: str, fraction: float,
                   weight: float) -> CutMix:
     """The CutMix of the node: the mixed caption encoded (and its left/right swap when it names both sides)
     with the positions of the two words in each; errors name the input."""
-    from .common import resolve_words
     lb = _training_latents(latents_b, "latents_b")
     if not positive_b:
         raise AttentionControlError("positive_b: connect the second subject's caption (with its rare token)")
@@ -452,11 +460,7 @@ def build_cut_mix(clip, latents_b, positive_b, mix_prompt: str, word_a: str, wor
     if not text:
         raise AttentionControlError("mix_prompt: describe both subjects, e.g. 'a sks dog on the left and a zwx "
                                     "cat on the right'")
-    for name, w in (("word_a", word_a), ("word_b", word_b)):
-        if not (w or "").strip() or "," in w:
-            raise AttentionControlError(f"{name}: give the subject's rare token (one word of mix_prompt)")
-    if word_a.strip().lower() == word_b.strip().lower():
-        raise AttentionControlError("word_b: it is the same word as word_a; give each subject its own token")
+    _check_words(word_a or "", word_b or "")
     lower = {m.group(0).lower() for m in _SIDES.finditer(text)}
     variants = [(text, True)] + ([(_swap_sides(text), False)] if lower == {"left", "right"} else [])
     mixes = []
@@ -467,7 +471,6 @@ def build_cut_mix(clip, latents_b, positive_b, mix_prompt: str, word_a: str, wor
         if len(cond) != 1:
             raise AttentionControlError(f"clip: the mix prompt encodes to {len(cond)} conditionings (scheduled "
                                         f"hooks on the CLIP); train without hooks")
-        from ..attention.unmix import LEFT, RIGHT
         objects = [(list(pa[0].positions), LEFT if a_left else RIGHT), (list(pb[0].positions), RIGHT if a_left else LEFT)]
         mixes.append((cond[0], plen, objects, a_left))
     return CutMix(lb, list(positive_b), mixes, float(fraction), float(weight))
@@ -508,10 +511,7 @@ class CutMixUnmix(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, mix_prompt=None, word_a=None, word_b=None, mix_fraction=None, unmix_weight=None):
         def extra(v):
-            for name in ("word_a", "word_b"):
-                w = v.get(name)
-                if w is not None and (not w.strip() or "," in w):
-                    raise AttentionControlError(f"{name}: give the subject's rare token (one word of mix_prompt)")
+            _check_words(v.get("word_a"), v.get("word_b"))
             if v.get("mix_prompt") is not None and not v["mix_prompt"].strip():
                 raise AttentionControlError("mix_prompt: describe both subjects")
         return validation_result(cls, locals(), extra)
