@@ -110,8 +110,13 @@ def apply_model(api: dict, object_info: dict, model: dict) -> dict:
     return api
 
 
+TRAIN_TYPES = ("AttnCtl_TrainSpectralShifts",)     # optimiser steps: capped at `steps` too (quick e2e runs)
+
+
 def override_steps(api: dict, steps: int) -> dict:
     for node in api.values():
+        if node["class_type"] in TRAIN_TYPES:
+            node["inputs"]["steps"] = min(node["inputs"]["steps"], steps)
         if node["class_type"] in SAMPLER_TYPES and "steps" in node["inputs"]:
             node["inputs"]["steps"] = steps
             if "end_at_step" in node["inputs"]:

@@ -327,6 +327,49 @@ def time_edit(name, source, destination, prompt, note):
     return g
 
 
+def svdiff(name, images, caption, prompt, note, steps=60, lr=0.02, batch=4):
+    """Train Spectral Shifts on a few images (LoadImage -> ImageBatch chain -> VAEEncode, one caption with a rare
+    token) -> Save Spectral Shifts (a file) and Apply Spectral Shifts (the trained shifts, scale 1) -> the prompt
+    sampled by the plain and the personalised model (same seed); the loss curve by core's Plot Loss Graph."""
+    g = Graph()
+    g.note(note)
+    ck = loader(g)
+    batch_img = None
+    for i, image in enumerate(images):
+        img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                    title=f"Training image {i + 1}")
+        if batch_img is None:
+            batch_img = img
+        else:
+            batch_img = g.add("ImageBatch", [], inputs={"image1": (batch_img, 0, "IMAGE"), "image2": (img, 0, "IMAGE")},
+                              outputs=[("IMAGE", "IMAGE")])
+    enc = g.add("VAEEncode", [], inputs={"pixels": (batch_img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
+                outputs=[("LATENT", "LATENT")])
+    cap = g.add("CLIPTextEncode", [caption], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Caption of the training images (rare token)")
+    train = g.add("AttnCtl_TrainSpectralShifts", [steps, lr, batch, 0],
+                  inputs={"model": (ck, 0, "MODEL"), "latents": (enc, 0, "LATENT"), "positive": (cap, 0, "CONDITIONING")},
+                  outputs=[("MODEL", "MODEL"), ("shifts", "ATTNCTL_SPECTRAL_SHIFTS"), ("loss_map", "LOSS_MAP")])
+    g.add("AttnCtl_SaveSpectralShifts", [f"spectral_shifts/{name}"],
+          inputs={"shifts": (train, 1, "ATTNCTL_SPECTRAL_SHIFTS")})
+    g.add("LossGraphNode", [f"AttnCtl/{name}_loss"], inputs={"loss": (train, 2, "LOSS_MAP")})
+    applied = g.add("AttnCtl_ApplySpectralShifts", [1.0],
+                    inputs={"model": (ck, 0, "MODEL"), "shifts": (train, 1, "ATTNCTL_SPECTRAL_SHIFTS")},
+                    outputs=[("MODEL", "MODEL")])
+    pos = g.add("CLIPTextEncode", [prompt], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
+    lat = g.add("EmptyLatentImage", [256, 256, 4], outputs=[("LATENT", "LATENT")])
+    for label, model in (("plain", (ck, 0)), ("personalised", (applied, 0))):
+        ks = g.add("KSampler", [0, "fixed", 20, 6.0, "euler", "normal", 1.0],
+                   inputs={"model": (*model, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
+                           "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
+                   outputs=[("LATENT", "LATENT")], title=f"KSampler ({label} model)")
+        dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                    outputs=[("IMAGE", "IMAGE")])
+        g.add("SaveImage", [f"AttnCtl/{name}_{label}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
+
+
 def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42, cfg=6.0):
     """KSampler (seed 42, 20 euler steps, cfg 6) -> VAEDecode -> SaveImage; inputs are (node, slot)."""
     ks = g.add("KSampler", [seed, "fixed", 20, cfg, "euler", "normal", 1.0],
@@ -388,7 +431,22 @@ NOTE_TIME = (
     "Try: several pairs, one per line; lambda 1 for a smaller, more specific edit; strength 0.5 for half the "
     "edit; augment off to edit the bare prompts only.")
 
+NOTE_SVDIFF = (
+    "SVDiff (Han et al. 2023) personalises a model on a few images by training only a shift of the singular "
+    "values of every weight matrix: Train Spectral Shifts learns them from four images of a green square "
+    "captioned with the rare token 'a sks' (60 steps, batch 4, lr 0.02: about a minute on a CPU for the "
+    "shapes-world model; a real SD1.5 subject wants the paper's 1e-3 and 500-1000 steps). Save Spectral Shifts "
+    "writes them to output/spectral_shifts/ (Load Spectral Shifts lists that file in your next runs); Apply "
+    "Spectral Shifts puts the trained shifts on the model at a scale, as core's Load LoRA Model applies a "
+    "trained LoRA. The same prompt and seed are sampled by the plain and the personalised model; Plot Loss Graph "
+    "draws the training loss.\n\n"
+    "Try: your own images (4-8, one subject, same size) with 'a photo of sks <class>'; scale 0.5-1.5 on Apply "
+    "Spectral Shifts; a prompt without the token to see the rest of the model kept; the Cut-Mix-Unmix node on "
+    "cut_mix to train two subjects that one prompt can name.")
+
 WORKFLOWS = {
+    "svdiff_personalise": lambda: svdiff("svdiff_personalise", [f"attnctl_svdiff_sks_{i}.png" for i in range(1, 5)],
+                                         "a sks", "a sks", NOTE_SVDIFF),
     "time_edit": lambda: time_edit("time_edit", "a circle", "a red circle", "a circle", NOTE_TIME),
     "p2p_dit": lambda: p2p("p2p_dit", "a red circle and a blue square", "a green circle and a blue square",
                            "replace", load=dit_loader, cfg=5.0, seed=5, note=NOTE_P2P_DIT,
@@ -451,6 +509,24 @@ def collage_inputs(out_dir):
         Image.fromarray(a, "RGBA").save(os.path.join(out_dir, f"attnctl_collage_{name}.png"))
 
 
+def svdiff_inputs(out_dir, n=4, seed=0):
+    """The SVDiff example's training images (256x256 RGB): one green square each (random size, place and
+    light background), drawn on the shapes world's 32x32 grid and scaled by 8, as its VAE pools 8x8."""
+    import numpy as np
+    from PIL import Image
+
+    from shapesworld import data as D
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        img = np.full((32, 32, 3), rng.uniform(0.80, 0.97), np.float32)
+        size = rng.uniform(10, 15)
+        h = size / 2
+        img[D.shape_mask("square", rng.uniform(h, 32 - h), rng.uniform(h, 32 - h), size)] = D.PALETTE["green"]
+        big = np.kron(img, np.ones((8, 8, 1), np.float32))
+        Image.fromarray((big * 255).round().astype(np.uint8)).save(
+            os.path.join(out_dir, f"attnctl_svdiff_sks_{i + 1}.png"), optimize=True)
+
+
 # examples the demo cannot run without model files the pack does not ship: a text card as their thumbnail
 CARD_THUMBNAILS = {
     "video_p2p_wan": ["Video-P2P on Wan 2.1 t2v 1.3B", "source video + edited video (every frame)",
@@ -475,6 +551,7 @@ def card_thumbnail(dest, lines, size=(480, 160)):
 def main():
     out_dir = os.path.join(REPO, "example_workflows")
     collage_inputs(os.path.join(out_dir, "input"))
+    svdiff_inputs(os.path.join(out_dir, "input"))
     for name, build in WORKFLOWS.items():
         build().dump(os.path.join(out_dir, f"{name}.json"))
     for name, lines in CARD_THUMBNAILS.items():

@@ -578,4 +578,37 @@ class LoadSpectralShifts(io.ComfyNode):
         return io.NodeOutput(apply_shifts(model, shifts, scale, "shifts_name"), shifts)
 
 
-NODES = [TrainSpectralShifts, CutMixUnmix, SaveSpectralShifts, LoadSpectralShifts]
+class ApplySpectralShifts(io.ComfyNode):
+    @classmethod
+    def define_schema(cls):
+        return io.Schema(
+            node_id="AttnCtl_ApplySpectralShifts",
+            display_name="Apply Spectral Shifts (SVDiff)",
+            category=f"{CATEGORY}/weights",
+            description="Applies connected spectral shifts (from Train or Load Spectral Shifts) to a model at a "
+                        "scale, as core's Load LoRA Model applies a trained LoRA: try scales of freshly trained "
+                        "shifts without saving them, or put one subject's shifts on another model of the family.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model the shifts were trained on (or the same family)."),
+                ShiftsType.Input("shifts", tooltip="The shifts output of Train or Load Spectral Shifts."),
+                io.Float.Input("scale", default=1.0, min=-4.0, max=4.0, step=0.05,
+                               tooltip="The paper's scale of the shifts (inside the relu); 0: the model unchanged."),
+            ],
+            outputs=[io.Model.Output(display_name="MODEL")],
+        )
+
+    @classmethod
+    def validate_inputs(cls, scale=None):
+        return validation_result(cls, locals())
+
+    @classmethod
+    def execute(cls, model, shifts, scale):
+        check_widgets(cls, locals())
+        if not isinstance(shifts, dict) or not shifts:
+            raise AttentionControlError("shifts: connect the shifts output of Train or Load Spectral Shifts")
+        for k, v in shifts.items():
+            check_finite("shifts", v, f"the shifts of '{k}' are damaged; train or load them again")
+        return io.NodeOutput(apply_shifts(model, shifts, scale, "shifts"))
+
+
+NODES = [TrainSpectralShifts, CutMixUnmix, SaveSpectralShifts, LoadSpectralShifts, ApplySpectralShifts]

@@ -176,6 +176,15 @@ def test_save_and_load_round_trip(sd15, trained, tmp_path, monkeypatch):
         a = comfy.lora.calculate_weight(m.patches[k], sd[k].float().clone(), k)
         b = comfy.lora.calculate_weight(m2.patches[k], sd[k].float().clone(), k)
         assert torch.equal(a, b)
+    # Apply Spectral Shifts with the loaded shifts patches the same; scale 0 adds no patch
+    m3 = SV.ApplySpectralShifts.execute(sd15, loaded, 1.0).result[0]
+    assert set(m3.patches) == set(m2.patches)
+    for k in sorted(m.patches)[:6]:
+        c = comfy.lora.calculate_weight(m3.patches[k], sd[k].float().clone(), k)
+        assert torch.equal(c, comfy.lora.calculate_weight(m2.patches[k], sd[k].float().clone(), k))
+    assert not SV.ApplySpectralShifts.execute(sd15, loaded, 0.0).result[0].patches
+    with pytest.raises(AttentionControlError, match="shifts: connect the shifts output"):
+        SV.ApplySpectralShifts.execute(sd15, {}, 1.0)
     # named errors: not a shift file, a damaged file, shifts of another model
     safetensors.torch.save_file({"x": torch.zeros(2)}, str(tmp_path / SV.FOLDER / "other.safetensors"))
     with pytest.raises(AttentionControlError, match="shifts_name: 'other.safetensors' is not a spectral-shift file"):
