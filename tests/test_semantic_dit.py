@@ -114,14 +114,13 @@ LAYOUT_BOX = (0.5, 0.0, 1.0, 0.5)
 
 @functools.lru_cache(maxsize=1)
 def dit_layout_measure():
-    """Layout guidance on the DiT (issue 18): 16 single objects ("a <colour> <shape>") guided into the
+    """Layout guidance on the DiT (issue 18): 12 single objects ("a <colour> <shape>") guided into the
     top-right quadrant at the node's defaults (backward: strength 30, 5 iterations, the first 20 % of
     the steps; forward: strength 1.0 on the same steps), all blocks, vs unguided, same seeds: how
     often is the object's colour in the box, and is it found at all?"""
     from attention_control.nodes.layout import Boxes, LayoutGuidance
     model, clip, _ = S.load_dit()
     caps = [(c, s) for c in COLOURS for s in SHAPES]
-    caps = caps + caps[4:8]
     texts = [f"a {c} {s}" for c, s in caps]
     pos, neg = S.encode(clip, texts), S.encode(clip, [""] * len(texts))
     lat = M.latent(len(texts), 32, 32)
@@ -143,7 +142,7 @@ def test_dit_layout_guidance_moves_objects_into_the_box():
     r = dit_layout_measure()
     print(f"SEMANTIC dit_layout {r}")
     # measured (650-step weights, 20 euler steps, cfg 5): backward 1.0 and forward 1.0 in the box vs
-    # 0.31 unguided, every object found (16 objects)
+    # 0.33 unguided, every object found (12 objects)
     for mode in ("backward", "forward"):
         assert r[f"hit_{mode}"] >= r["hit_unguided"] + 0.4, r
         assert r[f"found_{mode}"] >= 0.9, r
@@ -152,14 +151,14 @@ def test_dit_layout_guidance_moves_objects_into_the_box():
 @functools.lru_cache(maxsize=1)
 def dit_masactrl_measure():
     """MasaCtrl on the DiT (issue 18), as the UNet world's appearance test: source and target share
-    the caption ("a <colour> <shape>", 12 subjects) but not the noise, so the target's object sits
+    the caption ("a <colour> <shape>", 8 subjects) but not the noise, so the target's object sits
     elsewhere; the appearance attribute is the background tone, which no caption names. Node defaults
     on DiTs (start block: depth 1/3), start step 4/50 as the paper; against the target sampled alone."""
     from attention_control.nodes.masactrl import MasaCtrl
     from test_semantic_shapes import _background_tone
     model, clip, _ = S.load_dit()
     rows = []
-    for i, (c, s) in enumerate([(c, s) for c in COLOURS for s in SHAPES]):
+    for i, (c, s) in enumerate([(c, s) for c in COLOURS for s in SHAPES][:8]):
         m, pos, neg, lat = _res(MasaCtrl.execute(model, clip, M.latent(1, 32, 32), f"a {c} {s}", f"a {c} {s}", "",
                                                  4 / 50, -1, "mutual", "", "", 0.1, None, None))
         lat = dict(lat, batch_index=[0, 1])                    # target from other noise than the source
@@ -184,10 +183,10 @@ def dit_masactrl_measure():
 def test_dit_masactrl_target_keeps_its_layout_and_takes_the_source_appearance():
     r = dit_masactrl_measure()
     print(f"SEMANTIC dit_masactrl_appearance {r}")
-    # measured (650-step weights): the target's object 0.96 px from where it lies alone and 4.4 px from
-    # the source's; background tone gap 0.009 vs 0.032 alone, closer in 12/12 (at start block 0 the
+    # measured (650-step weights, 8 subjects): the target's object 0.94 px from where it lies alone and 4.3 px
+    # from the source's; background tone gap 0.008 vs 0.029 alone, closer in 8/8 (at start block 0 the
     # target copies the source's layout instead: 0.24 px from the source's object)
-    assert r["n"] >= 10 and r["source_unchanged"], r
+    assert r["n"] >= 6 and r["source_unchanged"], r
     assert r["target_shift_from_alone_px"] <= 1.5 and r["target_shift_from_source_px"] >= 3.0, r
     assert r["tone_gap"] <= 0.5 * r["tone_gap_alone"] and r["tone_closer"] >= 0.7 * r["n"], r
 
