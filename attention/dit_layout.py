@@ -34,7 +34,8 @@ from torch.utils.checkpoint import checkpoint
 from .core import AttentionControlError, Run, StopForward
 from .dit_router import DitCall, DitController, host_mask
 from .grad import WeightReferences
-from .layout import (LayoutConfig, box_cells, box_coverage, box_window, descend, guided_prediction, layer_energy)
+from .layout import (LayoutConfig, box_cells, box_coverage, box_window, descend, guided_prediction, layer_energy,
+                     step_carry)
 from .maps import token_columns
 
 __all__ = ["DitLayoutController", "phrase_probs", "DEFAULT_DIT_LAYERS"]
@@ -301,9 +302,7 @@ class DitLayoutController(LayoutConfig, DitController):
         step, sig = run.step_of(sigma)
         if not self.backward_on or step >= d["n_guided"] or d["last"] < 0:
             return predict(x)
-        s_i = run.sigmas[step]
-        s_next = run.sigmas[step + 1] if step + 1 < len(run.sigmas) else 0.0
-        carry = s_next / (s_i - s_next) if s_i > s_next else 0.0
+        carry = step_carry(run, step)
         xk, log = descend(x, sig, self.iterations, self.strength, self.threshold, self.energy_fn(run, passes))
         d["energy_log"].append((step, log))
         return guided_prediction(predict, x, xk, carry)

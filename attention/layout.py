@@ -247,6 +247,22 @@ def descend(x, sig: float, iterations: int, strength: float, threshold: float, e
     return xk, log
 
 
+def step_carry(run: Run, step: int) -> float:
+    """sigma_{i+1} / (sigma_i - sigma_{i+1}) of the step sigma_i -> sigma_{i+1} (0 at the last step):
+    how much of a latent move the denoised hand-over must carry (`guided_prediction`)."""
+    s_i = run.sigmas[step]
+    s_next = run.sigmas[step + 1] if step + 1 < len(run.sigmas) else 0.0
+    return s_next / (s_i - s_next) if s_i > s_next else 0.0
+
+
+def probs_output(probs: torch.Tensor, v: torch.Tensor, heads: int) -> torch.Tensor:
+    """The attention output (B, N, heads * d) taken from probabilities (B, heads, N, K) already
+    computed (so a guidance forward differentiates through the same maps it scored)."""
+    vh = split_heads(v, heads)
+    out = torch.matmul(probs.to(vh.dtype), vh)
+    return out.transpose(1, 2).reshape(out.shape[0], out.shape[2], -1)
+
+
 def guided_prediction(predict, x, xk, carry: float):
     """The denoised prediction at the moved latent xk, handed over so that a first-order step from
     x lands where the paper's step from xk lands (see the module docstring)."""
@@ -401,12 +417,9 @@ class LayoutController(LayoutConfig, Controller):
         e = e.view(-1, call.batch).sum(0)                                          # per latent item
         state.energy = e if state.energy is None else state.energy + e
         state.layers += 1
-        vh = split_heads(v, call.site.heads)
-        out = torch.matmul(probs.to(vh.dtype), vh)
-        out = out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
         if call.site.key == state.last_key:
             raise StopForward()
-        return out
+        return probs_output(probs, v, call.site.heads)
 
     # -- whole-step guidance
     def guide(self, predict, x, sigma, run: Run, passes):
@@ -420,9 +433,7 @@ class LayoutController(LayoutConfig, Controller):
             cm = autograd_weights(passes.unet_modules(last))
             d["weight_bytes"] = cm.__enter__()
             d["weights"] = cm
-        s_i = run.sigmas[step]
-        s_next = run.sigmas[step + 1] if step + 1 < len(run.sigmas) else 0.0
-        carry = s_next / (s_i - s_next) if s_i > s_next else 0.0
+        carry = step_carry(run, step)
         def energy_at(xk):
             state = _PassState(self, d["keys"], last.key)
             if self.weights == "copy":

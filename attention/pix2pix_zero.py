@@ -29,8 +29,7 @@ import torch
 
 from .core import AttentionControlError, Controller, LayerSelector, Run, StopForward, select_sites
 from .grad import WeightReferences
-from .layout import cross_probs, guided_prediction
-from .maps import split_heads
+from .layout import cross_probs, guided_prediction, probs_output, step_carry
 from .validate import check_finite, check_range
 
 GUIDANCE_REAL = 0.1          # the reference code's cross-attention guidance step, real (inverted) images
@@ -149,9 +148,7 @@ class Pix2PixZeroController(Controller):
         state.layers += 1
         if call.site.key == state.last_key:
             raise StopForward()
-        vh = split_heads(v, call.site.heads)
-        out = torch.matmul(probs.to(vh.dtype), vh)                           # the layer's output, from the same probs
-        return out.transpose(1, 2).reshape(q.shape[0], q.shape[1], -1)
+        return probs_output(probs, v, call.site.heads)                       # the layer's output, same probs
 
     def loss_at(self, xk, run: Run, passes):
         """(B,) attention gap of each item at latent xk (a positive-only forward, with gradients when enabled)."""
@@ -170,9 +167,7 @@ class Pix2PixZeroController(Controller):
         step, sig = run.step_of(sigma)
         if self.guidance == 0.0 or step >= d["n_guided"]:
             return predict(x)
-        s_i = run.sigmas[step]
-        s_next = run.sigmas[step + 1] if step + 1 < len(run.sigmas) else 0.0
-        carry = s_next / (s_i - s_next) if s_i > s_next else 0.0
+        carry = step_carry(run, step)
         with torch.inference_mode(False), torch.enable_grad():
             xk = x.detach().clone().requires_grad_(True)
             loss = self.loss_at(xk, run, passes)

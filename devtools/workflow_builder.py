@@ -313,11 +313,17 @@ def time_edit(name, source, destination, prompt, note):
                  outputs=[("MODEL", "MODEL"), ("edit", "ATTNCTL_ASSUMPTION_EDIT")])
     g.add("AttnCtl_SaveAssumptionEdit", ["attention_edits/time_edit"],
           inputs={"edit": (edit, 1, "ATTNCTL_ASSUMPTION_EDIT")})
+    return compare_models(g, name, ck, prompt, (("plain", (ck, 0)), ("edited", (edit, 0))), batch=2, seed=42)
+
+
+def compare_models(g, name, ck, prompt, models, batch, seed):
+    """One prompt sampled by each (label, (node, slot)) model from the same seed (20 euler steps, cfg 6),
+    each decoded and saved as AttnCtl/<name>_<label>."""
     pos = g.add("CLIPTextEncode", [prompt], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
-    lat = g.add("EmptyLatentImage", [256, 256, 2], outputs=[("LATENT", "LATENT")])
-    for label, model in (("plain", (ck, 0)), ("edited", (edit, 0))):
-        ks = g.add("KSampler", [42, "fixed", 20, 6.0, "euler", "normal", 1.0],
+    lat = g.add("EmptyLatentImage", [256, 256, batch], outputs=[("LATENT", "LATENT")])
+    for label, model in models:
+        ks = g.add("KSampler", [seed, "fixed", 20, 6.0, "euler", "normal", 1.0],
                    inputs={"model": (*model, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
                            "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
                    outputs=[("LATENT", "LATENT")], title=f"KSampler ({label} model)")
@@ -356,18 +362,7 @@ def svdiff(name, images, caption, prompt, note, steps=60, lr=0.02, batch=4):
     applied = g.add("AttnCtl_ApplySpectralShifts", [1.0],
                     inputs={"model": (ck, 0, "MODEL"), "shifts": (train, 1, "ATTNCTL_SPECTRAL_SHIFTS")},
                     outputs=[("MODEL", "MODEL")])
-    pos = g.add("CLIPTextEncode", [prompt], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
-    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
-    lat = g.add("EmptyLatentImage", [256, 256, 4], outputs=[("LATENT", "LATENT")])
-    for label, model in (("plain", (ck, 0)), ("personalised", (applied, 0))):
-        ks = g.add("KSampler", [0, "fixed", 20, 6.0, "euler", "normal", 1.0],
-                   inputs={"model": (*model, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
-                           "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
-                   outputs=[("LATENT", "LATENT")], title=f"KSampler ({label} model)")
-        dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
-                    outputs=[("IMAGE", "IMAGE")])
-        g.add("SaveImage", [f"AttnCtl/{name}_{label}"], inputs={"images": (dec, 0, "IMAGE")})
-    return g
+    return compare_models(g, name, ck, prompt, (("plain", (ck, 0)), ("personalised", (applied, 0))), batch=4, seed=0)
 
 
 def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42, cfg=6.0):
