@@ -64,6 +64,7 @@ from attention_control.nodes.collage import CollageLayer, CollageLayers
 from attention_control.nodes.layout import Boxes, LayoutGuidance
 from attention_control.nodes.masactrl import MasaCtrl
 from attention_control.nodes.p2p import PromptToPrompt
+from attention_control.nodes.pix2pix_zero import EditDirectionNode, Pix2PixZero
 from attention_control.nodes.weight_edits import EditAssumption
 from attention_control.nodes.regions import PaintWithWords, RegionConditioning, RegionPrompt
 from attention_control.nodes.tiled import TiledDiffusion
@@ -78,7 +79,7 @@ STEPS, CFG, SEED = 2, 5.0, 0
 LAT = (16, 16)
 
 FOREIGN = ["sag", "pag", "freeu", "freeu_v2", "hypertile", "tome", "lora", "ipadapter"]
-PACKS = ["capture", "p2p", "layout", "masactrl", "paint", "regions", "collage", "tiled", "time"]
+PACKS = ["capture", "p2p", "layout", "masactrl", "paint", "regions", "collage", "tiled", "time", "p2pzero"]
 ORDERS = ["foreign_first", "pack_first"]
 CELLS = [(f, p, o) for f in FOREIGN for p in PACKS for o in ORDERS]
 
@@ -395,6 +396,11 @@ def build_pack(name: str, model, clip) -> PackRun:
         # a weight patch on every cross-attention K / V (TIME), sampled with a prompt holding the edited words
         m, _edit = _res(EditAssumption.execute(model, clip, "a blue square", "a big blue square", 0.1, True, 1.0))
         return PackRun(name, m, encode(clip, PROMPT), encode(clip, ""), lat)
+    if name == "p2pzero":
+        # a [reference, edit] batch, red -> blue direction, one cross-attention guidance step per step
+        d = _res(EditDirectionNode.execute(clip, SRC, TGT, False))[0]
+        m, pos, neg, lt = _res(Pix2PixZero.execute(model, clip, lat, SRC, d, 1.0, 0.15, 1.0, "all", ""))
+        return PackRun(name, m, pos, neg, lt)
     raise KeyError(name)
 
 

@@ -123,6 +123,27 @@ def test_guidance_zero_is_the_plain_batch_and_the_reference_is_untouched(sd15, c
     assert torch.equal(M.ksample(sd15, pos, neg, lat, steps=4), plain)  # nothing leaks into the model
 
 
+@pytest.mark.parametrize("order", ["layout_first", "p2pzero_first"])
+def test_composes_with_layout_guidance_in_either_order(sd15, clip_l, direction, order):
+    """Two whole-step guidance controllers on one MODEL: each moves the latent (its log filled), the result is
+    neither one alone, and the model given to them is untouched."""
+    from attention_control.attention.layout import LayoutController
+    from attention_control.nodes.layout import Boxes, LayoutGuidance
+    boxes = _res(Boxes.execute("red circle: 0,0,0.5,0.5", "fraction", 64, 64))[0]
+    lay = lambda m: _res(LayoutGuidance.execute(m, clip_l, CAPTION, boxes, "backward", 30.0, 1, 0.0, 0.5, 0.5,
+                                                "auto", "none"))[0]
+    pz_alone, pos, neg, lat = p2pz(sd15, clip_l, direction, frac=0.5)
+    both = p2pz(lay(sd15), clip_l, direction, frac=0.5)[0] if order == "layout_first" else lay(pz_alone)
+    outs = {k: M.ksample(m, pos, neg, lat, steps=2) for k, m in
+            (("p2pzero", pz_alone), ("layout", lay(sd15)), ("both", both))}
+    ctrls = get_router(both).controllers
+    lc = [c for c in ctrls if isinstance(c, LayoutController)][-1]
+    assert controller_of(both).last_loss_log and lc.last_energy_log
+    assert not torch.allclose(outs["both"], outs["p2pzero"], atol=1e-5)
+    assert not torch.allclose(outs["both"], outs["layout"], atol=1e-5)
+    assert torch.equal(M.ksample(pz_alone, pos, neg, lat, steps=2), outs["p2pzero"])
+
+
 @pytest.mark.parametrize("sampler", ["euler_ancestral", "dpmpp_2m", "ddim"])
 def test_every_sampler_runs_guided(sd15, clip_l, direction, sampler):
     m, pos, neg, lat = p2pz(sd15, clip_l, direction, frac=0.5)
