@@ -13,16 +13,17 @@ import comfy.samplers
 from ..samplers.inversion import Trajectory, inversion_sampler, null_text_sampler
 
 
-def ddim_invert(model, positive, latent: dict, steps: int, scheduler: str, callback=None):
+def ddim_invert(model, positive, latent: dict, steps: int, scheduler: str, callback=None, regularisation: float = 0.0):
     """-> (latent dict of the inverted noise (sample it with add_noise off), Trajectory).
-    `callback(i, denoised, x, total_steps)` as for ComfyUI's guiders (progress and previews)."""
+    `callback(i, denoised, x, total_steps)` as for ComfyUI's guiders (progress and previews);
+    `regularisation`: Pix2Pix-Zero's noise regularisation weight (0 = plain DDIM inversion)."""
     samples = comfy.sample.fix_empty_latent_channels(model, latent["samples"])
     sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), scheduler, steps).cpu()
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, positive)
     guider.set_cfg(1.0)
     record: list = []
-    sampler = comfy.samplers.KSAMPLER(inversion_sampler(record))
+    sampler = comfy.samplers.KSAMPLER(inversion_sampler(record, regularisation))
     noise = torch.zeros_like(samples)
     out = guider.sample(noise, samples, sampler, sigmas, callback=callback, disable_pbar=True, seed=0)
     out = out.to(comfy.model_management.intermediate_device())

@@ -48,12 +48,17 @@ class DDIMInversion(io.ComfyNode):
                 io.Int.Input("steps", default=50, min=1, max=1000, tooltip="Inversion steps; sample with the same."),
                 io.Combo.Input("scheduler", options=list(comfy.samplers.KSampler.SCHEDULERS), default="normal",
                                tooltip="Schedule; sample with the same."),
+                io.Float.Input("noise_regularisation", default=0.0, min=0.0, max=1000.0, step=1.0, optional=True,
+                               tooltip="Pix2Pix-Zero's noise regularisation: each step's predicted noise is pushed "
+                                       "toward white noise (auto-correlation and KL terms, 5 iterations each) with "
+                                       "this weight before the step uses it. 0 = plain DDIM inversion; paper: 20 "
+                                       "(for Pix2Pix-Zero edits of real images)."),
             ],
             outputs=[io.Latent.Output(display_name="latent"), TrajectoryType.Output(display_name="trajectory")],
         )
 
     @classmethod
-    def execute(cls, model, positive, latent, steps, scheduler):
+    def execute(cls, model, positive, latent, steps, scheduler, noise_regularisation=0.0):
         check_widgets(cls, locals())
         if latent["samples"].shape[0] != 1:
             raise AttentionControlError(
@@ -61,7 +66,8 @@ class DDIMInversion(io.ComfyNode):
         check_finite("latent", latent["samples"], "re-encode the image with VAEEncode")
         _refuse_flow(model, "DDIM Inversion")
         cb = latent_preview.prepare_callback(model, steps)
-        out, traj = ddim_invert(model, positive, latent, steps, scheduler, callback=cb)
+        out, traj = ddim_invert(model, positive, latent, steps, scheduler, callback=cb,
+                                regularisation=float(noise_regularisation))
         return io.NodeOutput(out, traj)
 
 

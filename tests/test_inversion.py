@@ -124,3 +124,35 @@ def test_null_text_inversion_lowers_the_cfg_reconstruction_error():
     # measured with the shipped weights, the paper's 10 iterations: 0.18 vs 0.55 (images 1 and 0 of the same
     # generator: 0.17 vs 0.41, 0.22 vs 0.75; with 5 iterations this image stays at 0.54)
     assert e_null < 0.6 * e_plain, (e_null, e_plain)
+
+
+def test_noise_regularisation_lowers_both_terms_and_is_off_at_zero():
+    from attention_control.samplers import inversion as I
+    g = torch.Generator().manual_seed(0)
+    white = torch.randn(1, 4, 32, 32, generator=g)
+    # correlated, off-centre noise: a smoothed field plus an offset (what an inverted image leaves)
+    eps = 0.6 * torch.nn.functional.avg_pool2d(torch.randn(1, 4, 36, 36, generator=g), 5, 1) + 0.3
+    out = I.regularise_noise(eps, 20.0, torch.Generator().manual_seed(1))
+    ac = lambda n: float(I.auto_correlation_loss(n[0], torch.Generator().manual_seed(7)))
+    assert ac(out) < 0.9 * ac(eps) and float(I.kl_loss(out[0])) < 0.9 * float(I.kl_loss(eps[0]))
+    assert ac(white) < 0.2 * ac(eps)                        # the term measures structure (white noise: small)
+    assert I.regularise_noise(eps, 0.0, g) is eps
+    torch.testing.assert_close(I.regularise_noise(eps, 20.0, torch.Generator().manual_seed(1)), out, rtol=0, atol=0)
+    # the pyramid: 32 -> 16 -> 8 px, two shifted products per level and channel (r drawn below size / 2)
+    n = torch.randn(1, 8, 8, generator=g)
+    r = int(torch.randint(4, (1,), generator=torch.Generator().manual_seed(3)))
+    want = (n * n.roll(r, 1)).mean() ** 2 + (n * n.roll(r, 2)).mean() ** 2
+    torch.testing.assert_close(I.auto_correlation_loss(n, torch.Generator().manual_seed(3)), want)
+
+
+def test_regularised_inversion_node(sd15, image_latent):
+    pos = M.cond(1, seed=1)
+    plain, _ = _res(DDIMInversion.execute(sd15, pos, image_latent, 4, "normal"))
+    zero, _ = _res(DDIMInversion.execute(sd15, pos, image_latent, 4, "normal", 0.0))
+    reg, traj = _res(DDIMInversion.execute(sd15, pos, image_latent, 4, "normal", 20.0))
+    again, _ = _res(DDIMInversion.execute(sd15, pos, image_latent, 4, "normal", 20.0))
+    assert torch.equal(zero["samples"], plain["samples"])
+    assert not torch.equal(reg["samples"], plain["samples"]) and torch.equal(reg["samples"], again["samples"])
+    assert len(traj.latents) == 5
+    with pytest.raises(AttentionControlError, match="noise_regularisation"):
+        DDIMInversion.execute(sd15, pos, image_latent, 4, "normal", float("nan"))
