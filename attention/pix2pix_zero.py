@@ -14,8 +14,8 @@ items' latents are moved by one gradient step on
 where A_j are the cond-row cross-attention probabilities of item j at the current latent and A_0
 those of the reference item at the same step (held fixed). The reference code stores A_0 from a
 separate reference pass; here the reference item is in the batch, so its maps of this step come
-from the same positive-only forward and nothing is stored across steps (memory: one forward's maps
-of the guided layers). The reference's own latent gets a zero gradient, so it samples exactly what
+from the same positive-only forward and nothing is stored across steps. Memory: each guided layer is
+checkpointed, so the backward recomputes its maps instead of holding them. The reference's own latent gets a zero gradient, so it samples exactly what
 the caption alone samples.
 
 Step size: the reference code moves the VP latent x_t = sqrt(abar) x0 + sqrt(1 - abar) eps by
@@ -26,6 +26,7 @@ form change of the denoised prediction for the others."""
 from __future__ import annotations
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 from .core import AttentionControlError, Controller, LayerSelector, Run, StopForward, select_sites
 from .grad import WeightReferences
@@ -94,6 +95,13 @@ def attention_gap(probs: torch.Tensor, batch: int) -> torch.Tensor:
     return ((p - ref) ** 2).sum((-1, -2)).mean(2).sum(0)              # (B,)
 
 
+def gap_and_output(q, k, v, heads: int, batch: int):
+    """One guided layer: (the (batch,) attention gap of its cond-row maps, the layer's output taken from
+    the same maps)."""
+    probs = cross_probs(q, k, heads)                                          # (R, h, N, K)
+    return attention_gap(probs, batch), probs_output(probs, v, heads)
+
+
 class _Pass:
     def __init__(self, controller, keys: set, last_key):
         self.controller = controller
@@ -142,13 +150,17 @@ class Pix2PixZeroController(Controller):
         state = call.guidance
         if state is None or call.site.key not in state.keys:
             return nxt(q, k, v)
-        probs = cross_probs(q, k, call.site.heads)                           # (R, h, N, K), with grad
-        g = attention_gap(probs, call.batch)
+        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+            # checkpointed: the backward recomputes this layer's maps instead of holding them (3 copies of
+            # (rows, heads, N, K) otherwise: the softmax, the gap and the output each save one)
+            g, out = checkpoint(gap_and_output, q, k, v, call.site.heads, call.batch, use_reentrant=False)
+        else:
+            g, out = gap_and_output(q, k, v, call.site.heads, call.batch)
         state.loss = g if state.loss is None else state.loss + g
         state.layers += 1
         if call.site.key == state.last_key:
             raise StopForward()
-        return probs_output(probs, v, call.site.heads)                       # the layer's output, same probs
+        return out
 
     def loss_at(self, xk, run: Run, passes):
         """(B,) attention gap of each item at latent xk (a positive-only forward, with gradients when enabled)."""

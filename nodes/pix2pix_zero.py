@@ -237,7 +237,10 @@ class Pix2PixZero(io.ComfyNode):
                                tooltip="Fraction of the steps, from the start, that are guided (paper: all)."),
                 io.String.Input("layers", default="all",
                                 tooltip="Cross-attention layers whose maps are kept (paper: all)."),
-                io.String.Input("negative_prompt", default="", tooltip="The negative of both items."),
+                io.String.Input("negative_prompt", default="",
+                                tooltip="The negative of both items. Real (inverted) images: the caption, as the "
+                                        "paper (the reference item then reconstructs at any CFG and CFG amplifies "
+                                        "only the direction); generated images: empty or a usual negative."),
             ],
             outputs=[io.Model.Output(display_name="model"), io.Conditioning.Output(display_name="positive"),
                      io.Conditioning.Output(display_name="negative"), io.Latent.Output(display_name="latent")],
