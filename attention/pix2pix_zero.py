@@ -13,9 +13,12 @@ items' latents are moved by one gradient step on
 
 where A_j are the cond-row cross-attention probabilities of item j at the current latent and A_0
 those of the reference item at the same step (held fixed). The reference code stores A_0 from a
-separate reference pass; here the reference item is in the batch, so its maps of this step come
-from the same positive-only forward and nothing is stored across steps. Memory: each guided layer is
-checkpointed, so the backward recomputes its maps instead of holding them. The reference's own latent gets a zero gradient, so it samples exactly what
+separate reference pass; here the reference item is in the batch, so its maps at this step come
+from a positive-only forward of the reference item without gradients just before the edit items'
+forward; nothing is stored across steps. Memory: the reference's activations are never held for a
+backward (its maps of the guided layers are, for one step), and each guided layer of the edit pass
+is checkpointed, so the backward recomputes its maps instead of holding them. The reference's own
+latent gets a zero gradient, so it samples exactly what
 the caption alone samples.
 
 Step size: the reference code moves the VP latent x_t = sqrt(abar) x0 + sqrt(1 - abar) eps by
@@ -87,26 +90,31 @@ def add_direction(conditioning: list, direction: torch.Tensor, strength: float, 
     return out
 
 
-def attention_gap(probs: torch.Tensor, batch: int) -> torch.Tensor:
-    """Per latent item j: mean_heads sum_{p,k} (A_j - A_0)^2, A_0 the first item's maps held fixed.
-    probs (R, heads, N, K) with R = chunks x batch. -> (batch,) (item 0: 0)."""
-    p = probs.reshape(-1, batch, *probs.shape[1:])                    # (chunks, B, h, N, K)
-    ref = p[:, :1].detach()
-    return ((p - ref) ** 2).sum((-1, -2)).mean(2).sum(0)              # (B,)
+def attention_gap(probs: torch.Tensor, ref: torch.Tensor, items: int) -> torch.Tensor:
+    """Per latent item j: mean_heads sum_{p,k} (A_j - A_ref)^2 with A_ref held fixed.
+    probs (R, heads, N, K), R = items x r rows; ref (r, heads, N, K). -> (items,)."""
+    p = probs.reshape(items, -1, *probs.shape[1:])                    # (items, r, h, N, K)
+    return ((p - ref.detach()[None]) ** 2).sum((-1, -2)).mean(2).sum(1)
 
 
-def gap_and_output(q, k, v, heads: int, batch: int):
-    """One guided layer: (the (batch,) attention gap of its cond-row maps, the layer's output taken from
-    the same maps)."""
+def gap_and_output(q, k, v, heads: int, ref: torch.Tensor, items: int):
+    """One guided layer: (the (items,) attention gap of its cond-row maps to `ref`, the layer's output
+    taken from the same maps)."""
     probs = cross_probs(q, k, heads)                                          # (R, h, N, K)
-    return attention_gap(probs, batch), probs_output(probs, v, heads)
+    return attention_gap(probs, ref, items), probs_output(probs, v, heads)
 
 
 class _Pass:
-    def __init__(self, controller, keys: set, last_key):
+    """One guidance forward: the reference pass records each guided layer's maps (`refs` None), the
+    edit pass scores its maps against them."""
+
+    def __init__(self, controller, keys: set, last_key, items: int, refs: dict | None = None):
         self.controller = controller
         self.keys = keys
         self.last_key = last_key
+        self.items = items
+        self.refs = refs
+        self.maps = {} if refs is None else None
         self.loss = None
         self.layers = 0
 
@@ -150,29 +158,45 @@ class Pix2PixZeroController(Controller):
         state = call.guidance
         if state is None or call.site.key not in state.keys:
             return nxt(q, k, v)
-        if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-            # checkpointed: the backward recomputes this layer's maps instead of holding them (3 copies of
-            # (rows, heads, N, K) otherwise: the softmax, the gap and the output each save one)
-            g, out = checkpoint(gap_and_output, q, k, v, call.site.heads, call.batch, use_reentrant=False)
+        if state.refs is None:                                          # reference pass: record the maps
+            probs = cross_probs(q, k, call.site.heads)
+            state.maps[call.site.key] = probs
+            out = probs_output(probs, v, call.site.heads)
         else:
-            g, out = gap_and_output(q, k, v, call.site.heads, call.batch)
-        state.loss = g if state.loss is None else state.loss + g
+            ref = state.refs.get(call.site.key)
+            if ref is None:
+                raise AttentionControlError(f"pix2pix-zero: layer {call.site.key} ran in the edit pass but not "
+                                            "in the reference pass")
+            if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+                # checkpointed: the backward recomputes this layer's maps instead of holding them (3 copies
+                # of (rows, heads, N, K) otherwise: the softmax, the gap and the output each save one)
+                g, out = checkpoint(gap_and_output, q, k, v, call.site.heads, ref, state.items, use_reentrant=False)
+            else:
+                g, out = gap_and_output(q, k, v, call.site.heads, ref, state.items)
+            state.loss = g if state.loss is None else state.loss + g
         state.layers += 1
         if call.site.key == state.last_key:
             raise StopForward()
         return out
 
     def loss_at(self, xk, run: Run, passes):
-        """(B,) attention gap of each item at latent xk (a positive-only forward, with gradients when enabled)."""
+        """(B,) attention gap of each item to item 0 (the reference) at latent xk: a positive-only forward
+        of the reference without gradients that records its maps of the guided layers, then one of the
+        edit items (with gradients when enabled) scored against them. Two passes instead of one over the
+        whole batch: the reference's activations are never held for a backward. Item 0's gap is 0."""
         d = run.data(self)
-        state = _Pass(self, d["keys"], d["last"].key)
+        n = xk.shape[0]
+        ref = _Pass(self, d["keys"], d["last"].key, 1)
+        with torch.no_grad(), WeightReferences():
+            passes.cond_pass(xk[:1].detach(), ref, rows=[0])
+        state = _Pass(self, d["keys"], d["last"].key, n - 1, refs=ref.maps)
         with WeightReferences():
-            passes.cond_pass(xk, state)
-        if state.loss is None:
+            passes.cond_pass(xk[1:], state, rows=list(range(1, n)))
+        if state.loss is None or not ref.maps:
             raise AttentionControlError(
                 "pix2pix-zero: the guided layers were not reached in the guidance pass (the positive "
                 "conditioning did not run at the full latent size)")
-        return state.loss
+        return torch.cat([state.loss.new_zeros(1), state.loss])
 
     def guide(self, predict, x, sigma, run: Run, passes):
         d = run.data(self)

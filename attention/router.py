@@ -305,6 +305,24 @@ def _grad_safe_block_patches(patches: dict) -> dict:
     return out
 
 
+def _cond_rows(cond: dict, idx: torch.Tensor, batch: int) -> dict:
+    """A processed conditioning entry at latent rows `idx` of a `batch`-item step: every per-item
+    model input (first dimension `batch`) and a per-item mask taken at those rows; inputs shared by
+    all items (first dimension 1) are left to the host's broadcasting."""
+    out = dict(cond)
+    mc = {}
+    for key, val in (cond.get("model_conds") or {}).items():
+        t = getattr(val, "cond", None)
+        if torch.is_tensor(t) and t.dim() and t.shape[0] == batch and batch > 1 and hasattr(val, "_copy_with"):
+            val = val._copy_with(t.index_select(0, idx.to(t.device)))
+        mc[key] = val
+    out["model_conds"] = mc
+    m = cond.get("mask")
+    if torch.is_tensor(m) and m.dim() == 3 and m.shape[0] == batch and batch > 1:
+        out["mask"] = m.index_select(0, idx.to(m.device))
+    return out
+
+
 class GuidancePasses:
     """What a guiding controller may run inside one step: positive-only forwards of the model, CFG
     predictions with other positive conditioning, and the host's conditioning weights."""
@@ -315,11 +333,21 @@ class GuidancePasses:
         self.model_options = model_options
         self.guide_key = guide_key            # where the guidance state goes (the UNet or the DiT router's key)
 
-    def cond_pass(self, x, state) -> None:
+    def cond_pass(self, x, state, rows: list[int] | None = None) -> None:
         """One forward of the positive conditioning at `x` (gradients as enabled by the caller);
         the calls reach only `state.controller`, which reads `call.guidance` (= state) and may end
-        the forward early with StopForward."""
+        the forward early with StopForward. `rows`: the latent items of the step's batch that `x`
+        holds (x = those items only); the conditioning and timestep are taken at those rows."""
         import comfy.samplers
+        positive = self.guider.conds.get("positive", None)
+        timestep = self.timestep
+        if rows is not None:
+            batch = int(timestep.shape[0]) if torch.is_tensor(timestep) and timestep.dim() else None
+            if batch is None or len(rows) != x.shape[0]:
+                raise AttentionControlError(f"guidance pass: rows {rows} do not match a latent of {x.shape[0]} items")
+            idx = torch.tensor(rows, dtype=torch.long)
+            positive = [_cond_rows(c, idx, batch) for c in positive or []]
+            timestep = timestep.index_select(0, idx.to(timestep.device))
         mo = dict(self.model_options)
         to = dict(mo.get("transformer_options", {}))
         to[self.guide_key] = state
@@ -327,9 +355,8 @@ class GuidancePasses:
         if patches:
             to["patches"] = _grad_safe_block_patches(patches)
         mo["transformer_options"] = to
-        positive = self.guider.conds.get("positive", None)
         try:
-            comfy.samplers.calc_cond_batch(self.guider.inner_model, [positive], x, self.timestep, mo)
+            comfy.samplers.calc_cond_batch(self.guider.inner_model, [positive], x, timestep, mo)
         except StopForward:
             pass
 

@@ -32,8 +32,9 @@ Per cell (foreign, pack, order) the test asserts:
   pack effect the combined output differs from the foreign-only output (capture: its maps were filled
               in the combined run, and the image equals the foreign-only image, as capture never
               changes an image)
-  identical   the foreign-only model sampled again after the combined run equals its first output
-              bit for bit (removing the pack node gives the foreign-only output)
+  identical   (foreign first: the pack node was applied to the foreign-only model) that model sampled
+              again after the combined run equals its first output bit for bit (removing the pack node
+              gives the foreign-only output); pack first does not touch it ("-")
 and, at the end, that the plain model still gives the plain baseline bit for bit (no leak).
 
 Also: the router reaches every site at every step under each foreign patch in both orders (a
@@ -487,7 +488,8 @@ def write_matrix():
     if "leak" in TIMES:
         lines += ["", f"Plain model after all runs == plain baseline: {_mark(TIMES['leak'])}"]
     n = len(RESULTS)
-    ok = sum(1 for r in RESULTS.values() if all(r.get(k) for k in ("fires", "effect", "pack", "identical")))
+    ok = sum(1 for r in RESULTS.values() if all(r.get(k) for k in ("fires", "effect", "pack"))
+             and r.get("identical") is not False)
     lines += ["", f"{ok} of {n} cells pass; module time {time.time() - TIMES['start']:.0f} s.", ""]
     os.makedirs(os.path.dirname(MATRIX_PATH), exist_ok=True)
     with open(MATRIX_PATH, "w") as f:
@@ -537,9 +539,12 @@ def test_cell(ctx, foreign, pack, order):
             rec["pack"] = combined.maps_filled() and torch.equal(out, f_out)
         else:
             rec["pack"] = not torch.equal(out, f_out)
-        f_probe.reset()
-        again = pack_run.sample(f_model)
-        rec["identical"] = torch.equal(again, f_out)
+        if order == "foreign_first":          # the pack node was given f_model: did it change it?
+            f_probe.reset()
+            again = pack_run.sample(f_model)
+            rec["identical"] = torch.equal(again, f_out)
+        else:                                 # f_model took no part in the combined run (its own patches:
+            rec["identical"] = None           # the coverage test checks them bit for bit, both orders)
     except Exception as e:
         rec["error"] = _err(e)
         raise
@@ -549,7 +554,7 @@ def test_cell(ctx, foreign, pack, order):
         assert combined.maps_filled(), f"capture did not fill its maps under {foreign} ({order})"
         assert torch.equal(out, f_out), f"capture changed the image under {foreign} ({order})"
     assert rec["pack"], f"{pack}'s effect is missing: {pack} + {foreign} ({order}) == {foreign} alone"
-    assert rec["identical"], f"{foreign} alone changed after sampling {pack} + {foreign} ({order})"
+    assert rec["identical"] is not False, f"{foreign} alone changed after sampling {pack} + {foreign} ({order})"
 
 
 # ============================================================================ router coverage

@@ -62,20 +62,20 @@ def test_add_direction(clip_l, direction):
 
 def test_attention_gap_equals_a_naive_loop():
     g = torch.Generator().manual_seed(0)
-    chunks, batch, heads, n, k = 2, 3, 2, 5, 4
-    probs = torch.rand(chunks * batch, heads, n, k, generator=g, dtype=torch.float64).softmax(-1)
-    got = PZ.attention_gap(probs, batch)
-    want = torch.zeros(batch, dtype=torch.float64)
-    for c in range(chunks):
-        for j in range(batch):
-            for h in range(heads):
-                s = 0.0
-                for p in range(n):
-                    for q in range(k):
-                        s += float(probs[c * batch + j, h, p, q] - probs[c * batch, h, p, q]) ** 2
-                want[j] += s / heads
+    items, heads, n, k = 3, 2, 5, 4
+    probs = torch.rand(items, heads, n, k, generator=g, dtype=torch.float64).softmax(-1)
+    ref = torch.rand(1, heads, n, k, generator=g, dtype=torch.float64).softmax(-1)
+    got = PZ.attention_gap(probs, ref, items)
+    want = torch.zeros(items, dtype=torch.float64)
+    for j in range(items):
+        for h in range(heads):
+            s = 0.0
+            for p in range(n):
+                for q in range(k):
+                    s += float(probs[j, h, p, q] - ref[0, h, p, q]) ** 2
+            want[j] += s / heads
     torch.testing.assert_close(got, want)
-    assert got[0] == 0
+    assert PZ.attention_gap(ref, ref, 1)[0] == 0
 
 
 class _Probe(PZ.Pix2PixZeroController):
