@@ -58,6 +58,10 @@ class DDIMInversion(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, steps=None, scheduler=None, noise_regularisation=None):
+        return validation_result(cls, locals())
+
+    @classmethod
     def execute(cls, model, positive, latent, steps, scheduler, noise_regularisation=0.0):
         check_widgets(cls, locals())
         if latent["samples"].shape[0] != 1:
