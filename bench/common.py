@@ -139,3 +139,46 @@ def add_worst(out: dict, names) -> dict:
                      "settings": "worst of the two CPU attention backends"}
         out[name].update({k: w[k] for k in ("pairs", "min", "max") if k in w})
     return out
+
+
+def guided_collect(module: str, name: str, settings: str, time_detail: str, quick: bool = False,
+                   mem_target: float = 2.5) -> dict:
+    """The two figures of a gradient-guidance bench module on both backends: `{name}_step_time_ratio`
+    (report) from its `time` child and `{name}_mem_ratio` from its `mem plain` / `mem guided` children
+    (fresh processes, min of 2). `settings` / `time_detail` may name {attention}, {guided_steps},
+    {channels} of the time child's result."""
+    out = {}
+    for backend in BACKENDS:
+        t = run_child(module, "time", backend, "-", "2" if quick else str(PAIRS))
+        mem = {w: min(run_child(module, "mem", backend, w, env_extra=MEM_ENV)["extra_mb"]
+                      for _ in range(1 if quick else 2)) for w in ("plain", "guided")}
+        s = settings.format(**t)
+        out[f"{name}_step_time_ratio[{backend}]"] = time_figure(t, None, s + ", " + time_detail.format(**t))
+        out[f"{name}_mem_ratio[{backend}]"] = {
+            "value": round(mem["guided"] / max(mem["plain"], 1e-6), 4), "target": mem_target, "unit": "x",
+            "settings": s + f", 1-step guided run vs 1-step plain run: extra peak RSS "
+                            f"{mem['guided']:.1f} MB / {mem['plain']:.1f} MB"}
+    return add_worst(out, [f"{name}_step_time_ratio", f"{name}_mem_ratio"])
+
+
+def guided_main(time_case, mem_case) -> None:
+    """The child entry point of a guidance bench module: `time BACKEND - [PAIRS]` or `mem BACKEND plain|guided`."""
+    import argparse
+    ap = argparse.ArgumentParser()
+    ap.add_argument("what", choices=["time", "mem"])
+    ap.add_argument("backend", choices=list(BACKENDS))
+    ap.add_argument("which", choices=["-", "plain", "guided"])
+    ap.add_argument("pairs", type=int, nargs="?", default=PAIRS)
+    a = ap.parse_args()
+    res = time_case(a.backend, a.pairs) if a.what == "time" else mem_case(a.backend, a.which)
+    sys.stdout.write(json.dumps(res) + "\n")
+
+
+def one_step_extra_mb(M, warm_model, model, pos, neg, lat, cfg: float = 5.0) -> dict:
+    """Extra peak RSS (MB) of one 1-step KSampler run of `model` after a warm-up run of `warm_model`."""
+    import torch
+    with torch.inference_mode():
+        M.ksample(warm_model, pos, neg, lat, steps=1, cfg=cfg)
+        base = reset_peak()
+        M.ksample(model, pos, neg, lat, steps=1, cfg=cfg)
+    return {"extra_mb": (peak_kb() - base) / 1024.0}

@@ -12,9 +12,6 @@ Guidance: the controller on every cross-attention layer (the node's default), ev
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 
 import torch
 
@@ -54,39 +51,17 @@ def mem_case(backend, which):
     _, M, model, pos, neg, lat = _setup(backend)
     pos, neg, lat = _batch(pos, neg, lat)
     gm, _ctrl = guided_model(model)
-    m = model if which == "plain" else gm
-    with torch.inference_mode():
-        M.ksample(model, pos, neg, lat, steps=1, cfg=5.0)
-        base = common.reset_peak()
-        M.ksample(m, pos, neg, lat, steps=1, cfg=5.0)
-    return {"extra_mb": (common.peak_kb() - base) / 1024.0}
+    return common.one_step_extra_mb(M, model, model if which == "plain" else gm, pos, neg, lat)
 
 
 def collect(quick=False):
-    out = {}
-    for backend in ("subquad", "sdpa"):
-        t = common.run_child("bench.p2pzero", "time", backend, "-", "2" if quick else str(common.PAIRS))
-        mem = {w: min(common.run_child("bench.p2pzero", "mem", backend, w, env_extra=common.MEM_ENV)["extra_mb"]
-                      for _ in range(1 if quick else 2)) for w in ("plain", "guided")}
-        settings = (f"tiny SD1.5-shaped UNet (4 levels, attention at 32x32, 16x16, 8x8 mid), 64x64 latent, batch "
-                    f"[reference, edit], inference-tensor weights, attention={t['attention']}")
-        out[f"p2pzero_step_time_ratio[{backend}]"] = common.time_figure(
-            t, None, settings + f", guided step (positive-only forward of both items through every cross layer "
-                                f"+ backward, then the CFG step) vs plain CFG step, 4 steps all guided "
-                                f"({t['guided_steps']} guided), CPU time")
-        out[f"p2pzero_mem_ratio[{backend}]"] = {
-            "value": round(mem["guided"] / max(mem["plain"], 1e-6), 4), "target": 2.5, "unit": "x",
-            "settings": settings + f", 1-step guided run vs 1-step plain run: extra peak RSS "
-                                   f"{mem['guided']:.1f} MB / {mem['plain']:.1f} MB"}
-    return common.add_worst(out, ["p2pzero_step_time_ratio", "p2pzero_mem_ratio"])
+    return common.guided_collect(
+        "bench.p2pzero", "p2pzero",
+        "tiny SD1.5-shaped UNet (4 levels, attention at 32x32, 16x16, 8x8 mid), 64x64 latent, batch "
+        "[reference, edit], inference-tensor weights, attention={attention}",
+        "guided step (positive-only forward of both items through every cross layer + backward, then the CFG "
+        "step) vs plain CFG step, 4 steps all guided ({guided_steps} guided), CPU time", quick)
 
 
 if __name__ == "__main__":
-    ap = argparse.ArgumentParser()
-    ap.add_argument("what", choices=["time", "mem"])
-    ap.add_argument("backend", choices=["subquad", "sdpa"])
-    ap.add_argument("which", choices=["-", "plain", "guided"])
-    ap.add_argument("pairs", type=int, nargs="?", default=common.PAIRS)
-    a = ap.parse_args()
-    res = time_case(a.backend, a.pairs) if a.what == "time" else mem_case(a.backend, a.which)
-    sys.stdout.write(json.dumps(res) + "\n")
+    common.guided_main(time_case, mem_case)

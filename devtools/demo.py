@@ -110,7 +110,7 @@ def apply_model(api: dict, object_info: dict, model: dict) -> dict:
     return api
 
 
-TRAIN_TYPES = ("AttnCtl_TrainSpectralShifts",)     # optimiser steps: capped at `steps` too (quick e2e runs)
+TRAIN_TYPES = ("AttnCtl_TrainSpectralShifts", "AttnCtl_TrainSketchPredictor")     # optimiser steps: capped at `steps` too (quick e2e runs)
 
 
 def override_steps(api: dict, steps: int) -> dict:

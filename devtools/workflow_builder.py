@@ -126,27 +126,24 @@ def masactrl(name, source, target):
     return sample_and_save(g, name, ck, (edit, 0), (edit, 1), (edit, 2), (edit, 3))
 
 
-def inversion_edit(name, image, source, target):
-    """A real image edited with Prompt-to-Prompt: VAEEncode -> DDIM inversion -> edit -> source replay ->
-    KSamplerAdvanced with add_noise disabled and the inversion's steps and scheduler."""
-    g = Graph()
-    ck = loader(g)
+def ddim_inverted(g, ck, image, caption, widgets):
+    """LoadImage -> VAEEncode -> DDIM Inversion with the caption (its widgets given) -> the inversion node."""
     img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")])
     enc = g.add("VAEEncode", [], inputs={"pixels": (img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
                 outputs=[("LATENT", "LATENT")])
-    pos = g.add("CLIPTextEncode", [source], inputs={"clip": (ck, 1, "CLIP")},
+    pos = g.add("CLIPTextEncode", [caption], inputs={"clip": (ck, 1, "CLIP")},
                 outputs=[("CONDITIONING", "CONDITIONING")])
-    inv = g.add("AttnCtl_DDIMInversion", [20, "normal"],
-                inputs={"model": (ck, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"), "latent": (enc, 0, "LATENT")},
-                outputs=[("latent", "LATENT"), ("trajectory", "TRAJECTORY")])
-    edit = g.add("AttnCtl_PromptToPrompt",
-                 [source, target, "replace", "", 0.8, "", 0.4, "", "", 0.3, 0.0, ""],
-                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (inv, 0, "LATENT")},
-                 outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
-                          ("latent", "LATENT")])
+    return g.add("AttnCtl_DDIMInversion", widgets,
+                 inputs={"model": (ck, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"), "latent": (enc, 0, "LATENT")},
+                 outputs=[("latent", "LATENT"), ("trajectory", "TRAJECTORY")])
+
+
+def replay_and_save(g, ck, name, edit, inv, cfg):
+    """Replay Source on the edit node's model -> KSamplerAdvanced (add_noise off, the inversion's 20 steps) from
+    its latent with its conditioning -> VAEDecode -> SaveImage."""
     rep = g.add("AttnCtl_ReplaySource", [], inputs={"model": (edit, 0, "MODEL"), "trajectory": (inv, 1, "TRAJECTORY")},
                 outputs=[("model", "MODEL")])
-    ks = g.add("KSamplerAdvanced", ["disable", 0, "fixed", 20, 6.0, "euler", "normal", 0, 10000, "disable"],
+    ks = g.add("KSamplerAdvanced", ["disable", 0, "fixed", 20, cfg, "euler", "normal", 0, 10000, "disable"],
                inputs={"model": (rep, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
                        "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
                outputs=[("LATENT", "LATENT")])
@@ -154,6 +151,20 @@ def inversion_edit(name, image, source, target):
                 outputs=[("IMAGE", "IMAGE")])
     g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
     return g
+
+
+def inversion_edit(name, image, source, target):
+    """A real image edited with Prompt-to-Prompt: VAEEncode -> DDIM inversion -> edit -> source replay ->
+    KSamplerAdvanced with add_noise disabled and the inversion's steps and scheduler."""
+    g = Graph()
+    ck = loader(g)
+    inv = ddim_inverted(g, ck, image, source, [20, "normal"])
+    edit = g.add("AttnCtl_PromptToPrompt",
+                 [source, target, "replace", "", 0.8, "", 0.4, "", "", 0.3, 0.0, ""],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (inv, 0, "LATENT")},
+                 outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent", "LATENT")])
+    return replay_and_save(g, ck, name, edit, inv, cfg=6.0)
 
 
 def tiled_diffusion(name, prompt="a red circle and a blue square", merge="mixture", wrap=False):
@@ -316,14 +327,56 @@ def time_edit(name, source, destination, prompt, note):
     return compare_models(g, name, ck, prompt, (("plain", (ck, 0)), ("edited", (edit, 0))), batch=2, seed=42)
 
 
-def compare_models(g, name, ck, prompt, models, batch, seed):
+def colour_sentences(colour, shapes=("circle", "square", "triangle")):
+    """One shapes-world sentence per line naming `colour`: alone and beside another object."""
+    out = [f"a {colour} {s}" for s in shapes]
+    out += [f"a {colour} {s} and a {o} {t}" for s in shapes for o in ("red", "green", "blue", "yellow") if o != colour
+            for t in shapes if t != s]
+    return "\n".join(out)
+
+
+def pix2pix_zero_real(name, image, caption, source, target, note):
+    """A real image edited with Pix2Pix-Zero: VAEEncode -> DDIM Inversion (noise regularisation 20) ->
+    Edit Direction (saved) -> Pix2Pix-Zero (caption as negative, guidance 0.1) -> Replay Source ->
+    KSamplerAdvanced (add_noise off, the inversion's steps) -> [reference, edit] saved."""
+    g = Graph()
+    g.note(note)
+    ck = loader(g)
+    inv = ddim_inverted(g, ck, image, caption, [20, "normal", 20.0])
+    d = g.add("AttnCtl_EditDirection", [source, target, False], inputs={"clip": (ck, 1, "CLIP")},
+              outputs=[("direction", "ATTNCTL_EDIT_DIRECTION")])
+    g.add("AttnCtl_SaveEditDirection", [f"edit_directions/{name}"],
+          inputs={"direction": (d, 0, "ATTNCTL_EDIT_DIRECTION")})
+    edit = g.add("AttnCtl_Pix2PixZero", [caption, 0.5, 0.1, 1.0, "all", caption],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (inv, 0, "LATENT"),
+                         "direction": (d, 0, "ATTNCTL_EDIT_DIRECTION")},
+                 outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
+                          ("latent", "LATENT")])
+    return replay_and_save(g, ck, name, edit, inv, cfg=5.0)
+
+
+NOTE_P2PZERO = (
+    "Pix2Pix-Zero (Parmar et al. 2023) edits a real image without naming everything in it. Edit Direction "
+    "turns sentences about the source concept and about the target concept into a direction in the text "
+    "embedding space (mean of the targets minus mean of the sources). DDIM Inversion (noise regularisation 20, "
+    "the paper's) takes the image to noise; Pix2Pix-Zero samples [reference, edit] from it, the edit with the "
+    "caption plus the direction, and before every step moves the edit's latent by one gradient step so that its "
+    "cross-attention maps stay those of the reference: the edit keeps the image's layout. Replay Source keeps "
+    "the reference on the inversion's trajectory; the caption is the negative, as the paper.\n\n"
+    "Try: strength 1 for a stronger edit (more of the image changes colour), guidance 0 to see the direction "
+    "alone (the layout drifts), other sentences in source/target, or an empty latent (EmptyLatentImage) with "
+    "an empty negative and guidance 0.15 for a generated image. On a real SD checkpoint: source 'cat', target "
+    "'dog' with templates on.")
+
+
+def compare_models(g, name, ck, prompt, models, batch, seed, cfg=6.0):
     """One prompt sampled by each (label, (node, slot)) model from the same seed (20 euler steps, cfg 6),
     each decoded and saved as AttnCtl/<name>_<label>."""
     pos = g.add("CLIPTextEncode", [prompt], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     lat = g.add("EmptyLatentImage", [256, 256, batch], outputs=[("LATENT", "LATENT")])
     for label, model in models:
-        ks = g.add("KSampler", [seed, "fixed", 20, 6.0, "euler", "normal", 1.0],
+        ks = g.add("KSampler", [seed, "fixed", 20, cfg, "euler", "normal", 1.0],
                    inputs={"model": (*model, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
                            "negative": (neg, 0, "CONDITIONING"), "latent_image": (lat, 0, "LATENT")},
                    outputs=[("LATENT", "LATENT")], title=f"KSampler ({label} model)")
@@ -363,6 +416,39 @@ def svdiff(name, images, caption, prompt, note, steps=60, lr=0.02, batch=4):
                     inputs={"model": (ck, 0, "MODEL"), "shifts": (train, 1, "ATTNCTL_SPECTRAL_SHIFTS")},
                     outputs=[("MODEL", "MODEL")])
     return compare_models(g, name, ck, prompt, (("plain", (ck, 0)), ("personalised", (applied, 0))), batch=4, seed=0)
+
+
+def sketch_guidance(name, images, sketch, caption, prompt, note, steps=60, lr=0.002, batch=8, load=None, cfg=6.0,
+                    strength=1.6):
+    """Train Sketch Predictor on shapes-world scenes (LoadImage -> ImageBatch chain, one caption, Sobel edges) ->
+    Save Sketch Predictor and Sketch Guidance with a drawn outline -> the prompt sampled by the plain and the
+    guided model (same seed); the loss curve by core's Plot Loss Graph."""
+    g = Graph()
+    g.note(note)
+    ck = (load or loader)(g)
+    batch_img = None
+    for i, image in enumerate(images):
+        img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
+                    title=f"Training image {i + 1}")
+        batch_img = img if batch_img is None else g.add(
+            "ImageBatch", [], inputs={"image1": (batch_img, 0, "IMAGE"), "image2": (img, 0, "IMAGE")},
+            outputs=[("IMAGE", "IMAGE")])
+    cap = g.add("CLIPTextEncode", [caption], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Caption of the training images")
+    train = g.add("AttnCtl_TrainSketchPredictor", [steps, lr, batch, 0, "auto"],
+                  inputs={"model": (ck, 0, "MODEL"), "vae": (ck, 2, "VAE"), "images": (batch_img, 0, "IMAGE"),
+                          "positive": (cap, 0, "CONDITIONING")},
+                  outputs=[("predictor", "ATTNCTL_SKETCH_PREDICTOR"), ("loss_map", "LOSS_MAP"), ("edges", "IMAGE")])
+    g.add("AttnCtl_SaveSketchPredictor", [f"sketch_predictors/{name}"],
+          inputs={"predictor": (train, 0, "ATTNCTL_SKETCH_PREDICTOR")})
+    g.add("LossGraphNode", [f"AttnCtl/{name}_loss"], inputs={"loss": (train, 1, "LOSS_MAP")})
+    sk = g.add("LoadImage", [sketch, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title="Sketch")
+    guided = g.add("AttnCtl_SketchGuidance", [strength, 0.0, 0.5, "auto"],
+                   inputs={"model": (ck, 0, "MODEL"), "predictor": (train, 0, "ATTNCTL_SKETCH_PREDICTOR"),
+                           "sketch": (sk, 0, "IMAGE")},
+                   outputs=[("model", "MODEL")])
+    return compare_models(g, name, ck, prompt, (("plain", (ck, 0)), ("guided", (guided, 0))), batch=4, seed=3,
+                          cfg=cfg)
 
 
 def sample_and_save(g, name, ck, model, positive, negative, latent, seed=42, cfg=6.0):
@@ -439,7 +525,31 @@ NOTE_SVDIFF = (
     "Spectral Shifts; a prompt without the token to see the rest of the model kept; the Cut-Mix-Unmix node on "
     "cut_mix to train two subjects that one prompt can name.")
 
+NOTE_SKETCH = (
+    "Sketch-guided text-to-image (Voynov et al. 2022). Train Sketch Predictor learns, from a few images of the "
+    "kind you generate, a small per-pixel MLP that reads the frozen model's self-attention features of a "
+    "noised latent and predicts its edge map (edges by a Sobel filter here). Sketch Guidance then pulls every step of "
+    "the first half of the schedule toward latents whose predicted edges match the drawn outline (a gradient "
+    "step scaled to the step's own size). The two KSamplers sample the same prompt and seed, plain and guided.\n\n"
+    "Strength 0.8 on the UNet here (its thick outline; edge IoU with the sketch 0.39 vs 0.13 plain over these 4 "
+    "seeds), 1.6 (the paper's) on the DiT (0.45 vs 0.14).\n\n"
+    "Try: your own sketch (dark lines on white, at the image size); strength 0.5-4; end 0.3-0.8; more training "
+    "images and steps for a real model; Save / Load Sketch Predictor to reuse it.")
+
+NOTE_SKETCH_DIT = NOTE_SKETCH.replace("Sketch-guided text-to-image (Voynov et al. 2022).",
+                                      "Sketch-guided text-to-image (Voynov et al. 2022) on a DiT (the shapes-world "
+                                      "Flux-class model: the values of the image tokens of four blocks, cfg 5).")
+
 WORKFLOWS = {
+    "pix2pix_zero_real": lambda: pix2pix_zero_real("pix2pix_zero_real", "attnctl_p2pzero_example.png",
+                                                   "a red circle and a green square", colour_sentences("red"),
+                                                   colour_sentences("blue"), NOTE_P2PZERO),
+    "sketch_guidance": lambda: sketch_guidance("sketch_guidance", [f"attnctl_sketch_train_{i}.png" for i in range(1, 9)],
+                                               "attnctl_sketch_outline.png", "a shape", "a red square", NOTE_SKETCH,
+                                               strength=0.8),
+    "sketch_guidance_dit": lambda: sketch_guidance(
+        "sketch_guidance_dit", [f"attnctl_sketch_train_{i}.png" for i in range(1, 9)], "attnctl_sketch_outline.png",
+        "a shape", "a red square", NOTE_SKETCH_DIT, load=dit_loader, cfg=5.0),
     "svdiff_personalise": lambda: svdiff("svdiff_personalise", [f"attnctl_svdiff_sks_{i}.png" for i in range(1, 5)],
                                          "a sks", "a sks", NOTE_SVDIFF),
     "time_edit": lambda: time_edit("time_edit", "a circle", "a red circle", "a circle", NOTE_TIME),
@@ -522,6 +632,42 @@ def svdiff_inputs(out_dir, n=4, seed=0):
             os.path.join(out_dir, f"attnctl_svdiff_sks_{i + 1}.png"), optimize=True)
 
 
+def sketch_inputs(out_dir, n=8, seed=0):
+    """The sketch example's inputs (256x256 RGB, the shapes world's 32x32 grid scaled by 8): n training scenes of
+    the shapes-world generator, and the outline of a square (dark lines on white) to follow."""
+    import numpy as np
+    from PIL import Image
+
+    from shapesworld import data as D
+    imgs, _caps, _objs = D.sample_batch(np.random.default_rng(seed), n)
+    up = lambda a: np.kron(a, np.ones((8, 8, 1), np.float32))
+    for i in range(n):
+        Image.fromarray((up(imgs[i].transpose(1, 2, 0)) * 255).round().astype(np.uint8)).save(
+            os.path.join(out_dir, f"attnctl_sketch_train_{i + 1}.png"), optimize=True)
+    m = D.shape_mask("square", 12.0, 12.0, 14.0)
+    inner = m.copy()
+    inner[1:] &= m[:-1]; inner[:-1] &= m[1:]; inner[:, 1:] &= m[:, :-1]; inner[:, :-1] &= m[:, 1:]
+    sk = np.ones((32, 32, 3), np.float32)
+    sk[m & ~inner] = 0.0
+    Image.fromarray((up(sk) * 255).round().astype(np.uint8)).save(os.path.join(out_dir, "attnctl_sketch_outline.png"),
+                                                                  optimize=True)
+
+
+def p2pzero_inputs(out_dir):
+    """The Pix2Pix-Zero example's real image (256x256 RGB): a red circle and a green square drawn on the shapes
+    world's 32x32 grid (not by a model), scaled by 8."""
+    import numpy as np
+    from PIL import Image
+
+    from shapesworld import data as D
+    img = np.full((32, 32, 3), 0.88, np.float32)
+    img[D.shape_mask("circle", 10.0, 11.0, 12.0)] = D.PALETTE["red"]
+    img[D.shape_mask("square", 22.5, 21.5, 11.0)] = D.PALETTE["green"]
+    big = np.kron(img, np.ones((8, 8, 1), np.float32))
+    Image.fromarray((big * 255).round().astype(np.uint8)).save(os.path.join(out_dir, "attnctl_p2pzero_example.png"),
+                                                               optimize=True)
+
+
 # examples the demo cannot run without model files the pack does not ship: a text card as their thumbnail
 CARD_THUMBNAILS = {
     "video_p2p_wan": ["Video-P2P on Wan 2.1 t2v 1.3B", "source video + edited video (every frame)",
@@ -547,6 +693,8 @@ def main():
     out_dir = os.path.join(REPO, "example_workflows")
     collage_inputs(os.path.join(out_dir, "input"))
     svdiff_inputs(os.path.join(out_dir, "input"))
+    p2pzero_inputs(os.path.join(out_dir, "input"))
+    sketch_inputs(os.path.join(out_dir, "input"))
     for name, build in WORKFLOWS.items():
         build().dump(os.path.join(out_dir, f"{name}.json"))
     for name, lines in CARD_THUMBNAILS.items():

@@ -67,6 +67,7 @@ from attention_control.nodes.masactrl import MasaCtrl
 from attention_control.nodes.p2p import PromptToPrompt
 from attention_control.nodes.pix2pix_zero import EditDirectionNode, Pix2PixZero
 from attention_control.nodes.weight_edits import EditAssumption
+from attention_control.nodes.sketch import SketchGuidance, train_predictor
 from attention_control.nodes.regions import PaintWithWords, RegionConditioning, RegionPrompt
 from attention_control.nodes.tiled import TiledDiffusion
 from attention_control.shapesworld.comfy_glue import ShapesWorldVAE
@@ -80,7 +81,7 @@ STEPS, CFG, SEED = 2, 5.0, 0
 LAT = (16, 16)
 
 FOREIGN = ["sag", "pag", "freeu", "freeu_v2", "hypertile", "tome", "lora", "ipadapter"]
-PACKS = ["capture", "p2p", "layout", "masactrl", "paint", "regions", "collage", "tiled", "time", "p2pzero"]
+PACKS = ["capture", "p2p", "layout", "masactrl", "paint", "regions", "collage", "tiled", "time", "p2pzero", "sketch"]
 ORDERS = ["foreign_first", "pack_first"]
 CELLS = [(f, p, o) for f in FOREIGN for p in PACKS for o in ORDERS]
 
@@ -402,7 +403,30 @@ def build_pack(name: str, model, clip) -> PackRun:
         d = _res(EditDirectionNode.execute(clip, SRC, TGT, False))[0]
         m, pos, neg, lt = _res(Pix2PixZero.execute(model, clip, lat, SRC, d, 1.0, 0.15, 1.0, "all", ""))
         return PackRun(name, m, pos, neg, lt)
+    if name == "sketch":
+        # a predictor trained a few steps on the plain model (cached), an outline to follow
+        size = LAT[0] * 8
+        sk = torch.ones(1, size, size, 3)
+        sk[:, size // 4:3 * size // 4, size // 4] = sk[:, size // 4, size // 4:3 * size // 4] = 0.0
+        m = _res(SketchGuidance.execute(model, _sketch_predictor(model, clip), sk, 4.0, 0.0, 1.0, "auto"))[0]
+        return PackRun(name, m, encode(clip, PROMPT), encode(clip, ""), lat)
     raise KeyError(name)
+
+
+_PREDICTOR = {}
+
+
+def _sketch_predictor(model, clip):
+    """Trained once, on the first model it is asked for (the plain model: pack_only runs first)."""
+    if "p" not in _PREDICTOR:
+        from attention_control.attention.sketch import sobel_edges
+        g = torch.Generator().manual_seed(0)
+        imgs = torch.rand(2, 3, LAT[0], LAT[1], generator=g)
+        with torch.inference_mode():
+            _PREDICTOR["p"] = train_predictor(model, torch.randn(2, 4, *LAT, generator=g),
+                                              sobel_edges(imgs), encode(clip, PROMPT), 3, 3e-3, 2, 0)[0]
+    return _PREDICTOR["p"]
+
 
 
 # ============================================================================ shared state
