@@ -37,7 +37,8 @@ def controller_of(model):
     return [c for c in get_router(model).controllers if isinstance(c, PZ.Pix2PixZeroController)][-1]
 
 
-def test_direction_is_the_mean_difference_of_the_sentences(clip_l):
+def test_direction_is_the_mean_difference_of_the_sentences(clip_l, monkeypatch):
+    monkeypatch.setattr(PZ, "TEMPLATES", PZ.TEMPLATES[:5])        # the shipped set is long: 5 of them suffice here
     d = _res(N.EditDirectionNode.execute(clip_l, "cat\nkitten", "dog", True))[0]
     src = [enc(clip_l, t.format(w)) for w in ("cat", "kitten") for t in PZ.TEMPLATES]
     tgt = [enc(clip_l, t.format("dog")) for t in PZ.TEMPLATES]
