@@ -205,7 +205,7 @@ class EdgePredictor(torch.nn.Module):
         """A copy with normal (not inference) tensors, in eval mode (call under inference_mode(False))."""
         m = EdgePredictor(self.sites, self.out_channels, self.widths, self.octaves)
         m.load_state_dict({k: v.detach().clone() for k, v in self.state_dict().items()})
-        return m.to(next(self.parameters()).device).eval().requires_grad_(False)
+        return m.to(next(self.parameters()).device).train(False).requires_grad_(False)
 
 
 def predictor_tensors(p: EdgePredictor) -> dict:
@@ -223,7 +223,7 @@ def predictor_from(tensors: dict, config: dict, input_name: str = "predictor") -
                                     f"({type(e).__name__}); train and save it again") from None
     for k, v in tensors.items():
         check_finite(input_name, v, f"the predictor is damaged ({k}); train it again")
-    return p.eval()
+    return p.train(False)
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

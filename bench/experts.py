@@ -25,7 +25,7 @@ def mem_case(backend, which):
     dm = other.model.diffusion_model
     with torch.inference_mode():
         dm.load_state_dict({k: v.clone() for k, v in dm.state_dict().items()}, assign=True)
-    from attention_control.attention.experts import experts_model
+    from attention_control.nodes.experts import experts_model
     m = model if which == "plain" else experts_model(model, [other], [0.5])[0]
     with torch.inference_mode():
         M.ksample(model, pos, neg, lat, steps=2, cfg=5.0)

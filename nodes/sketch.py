@@ -178,7 +178,7 @@ def train_predictor(model, latents: torch.Tensor, edges: torch.Tensor, positive:
         lat = latents.float().clone()
         guider.sample(torch.zeros_like(lat), lat, sampler, torch.arange(lat.shape[0] + 1, dtype=torch.float32),
                       seed=seed)
-        p = sampler.predictor.eval().cpu()
+        p = sampler.predictor.train(False).cpu()
     comfy.model_management.soft_empty_cache()
     return p, losses
 

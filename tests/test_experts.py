@@ -6,7 +6,7 @@ import torch
 
 import ac_models as M
 from attention_control.attention.core import AttentionControlError
-from attention_control.attention.experts import experts_model
+from attention_control.nodes.experts import experts_model
 from attention_control.nodes.experts import ExpertDenoisers
 
 
