@@ -59,15 +59,17 @@ class DitSketchFeatures(DitController):
     def __init__(self, layers: str = AUTO):
         self.layers = layers or AUTO
         self.keys: list[tuple] = []
+        self.key_set: frozenset = frozenset()
 
     def validate(self, router) -> None:
         self.keys = feature_keys(router, self.layers)
+        self.key_set = frozenset(self.keys)
 
     def feature_keys(self, model_patcher, latent_hw=None) -> list[tuple]:
         return list(self.keys)
 
     def wants(self, site) -> bool:
-        return (site.block_type, site.block_index, site.stream) in set(self.keys)
+        return (site.block_type, site.block_index, site.stream) in self.key_set
 
     def attend(self, call: DitCall):
         state = call.guidance
@@ -108,3 +110,4 @@ class DitSketchGuidance(GuidanceMixin, DitSketchFeatures):
                     f"predictor: it was trained on a model with a {ch}-channel {stream} attention in {blk} block "
                     f"{bid}, which this {router.family} model does not have; train the predictor on this model")
         self.keys = self.predictor.keys
+        self.key_set = frozenset(self.keys)

@@ -408,6 +408,7 @@ class GuidanceMixin:
         check_sketch(edges)
         self.predictor = predictor
         self.keys = predictor.keys
+        self.key_set = frozenset(self.keys)
         self.edges = edges.float()
         self.strength = float(strength)
         self.start, self.end = float(start), float(end)
@@ -493,7 +494,7 @@ class SketchGuidance(GuidanceMixin, SketchFeatures):
 
     # layers: exactly the predictor's
     def _matches(self, site) -> bool:
-        return site.kind == "self" and site.key in set(self.keys)
+        return site.kind == "self" and site.key in self.key_set
 
     def validate_sites(self, sites) -> None:
         have = {s.key: s.heads * s.dim_head for s in sites if s.kind == "self"}
