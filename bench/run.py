@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-MODULES = ["bench.capture", "bench.p2p", "bench.layout", "bench.masactrl", "bench.tiled", "bench.regions", "bench.dit_capture", "bench.dit_tiled", "bench.dit_regions", "bench.flow_inversion", "bench.dit_p2p", "bench.dit_masactrl", "bench.dit_layout", "bench.time_edit", "bench.svdiff", "bench.p2pzero", "bench.sketch", "bench.experts"]
+MODULES = ["bench.capture", "bench.p2p", "bench.layout", "bench.masactrl", "bench.tiled", "bench.regions", "bench.dit_capture", "bench.dit_tiled", "bench.dit_regions", "bench.flow_inversion", "bench.dit_p2p", "bench.dit_masactrl", "bench.dit_layout", "bench.time_edit", "bench.svdiff", "bench.p2pzero", "bench.sketch", "bench.experts", "bench.segment"]
 
 
 def main() -> int:

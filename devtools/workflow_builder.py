@@ -352,6 +352,41 @@ def prompt_switching(name, first, second, at, note, seed=21):
     return g
 
 
+def segment_words(name, image, caption, words, inpaint_prompt, note, load=loader, cfg=6.0, seed=7):
+    """A real image segmented by the words of its caption (Segment Words: preview and masks saved), then the
+    first word's mask used to inpaint: VAEEncode -> Set Latent Noise Mask -> KSampler with `inpaint_prompt`
+    (None: no inpainting; the shapes-world DiT does not inpaint with a noise mask, it erases the region)."""
+    g = Graph()
+    g.note(note)
+    ck = load(g)
+    img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title="Real image")
+    seg = g.add("AttnCtl_SegmentWords", [caption, words, 0.1, 1, 0, "fixed", 1, 0.5, False, "all", "auto"],
+                inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "vae": (ck, 2, "VAE"),
+                        "image": (img, 0, "IMAGE")},
+                outputs=[("masks", "MASK"), ("preview", "IMAGE"), ("attn_maps", "ATTN_MAPS")],
+                title="Segment Words (attention)")
+    g.add("SaveImage", [f"AttnCtl/{name}_preview"], inputs={"images": (seg, 1, "IMAGE")}, title="Word heat maps")
+    mimg = g.add("MaskToImage", [], inputs={"mask": (seg, 0, "MASK")}, outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}_masks"], inputs={"images": (mimg, 0, "IMAGE")}, title="Word masks")
+    if inpaint_prompt is None:
+        return g
+    first = g.add("AttnCtl_SegmentWords", [caption, words.split(",")[0].strip(), 0.1, 1, 0, "fixed", 1, 0.5, False, "all",
+                                            "auto"],
+                  inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "vae": (ck, 2, "VAE"),
+                          "image": (img, 0, "IMAGE")},
+                  outputs=[("masks", "MASK"), ("preview", "IMAGE"), ("attn_maps", "ATTN_MAPS")],
+                  title="Mask of the first word")
+    enc = g.add("VAEEncode", [], inputs={"pixels": (img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
+                outputs=[("LATENT", "LATENT")])
+    masked = g.add("SetLatentNoiseMask", [], inputs={"samples": (enc, 0, "LATENT"), "mask": (first, 0, "MASK")},
+                   outputs=[("LATENT", "LATENT")])
+    pos = g.add("CLIPTextEncode", [inpaint_prompt], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Inpainting prompt")
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")],
+                title="Negative prompt")
+    return sample_and_save(g, f"{name}_inpainted", ck, (ck, 0), (pos, 0), (neg, 0), (masked, 0), seed=seed, cfg=cfg)
+
+
 def colour_sentences(colour, shapes=("circle", "square", "triangle")):
     """One shapes-world sentence per line naming `colour`: alone and beside another object."""
     out = [f"a {colour} {s}" for s in shapes]
@@ -561,6 +596,23 @@ NOTE_SKETCH = (
     "Try: your own sketch (dark lines on white, at the image size); strength 0.5-4; end 0.3-0.8; more training "
     "images and steps for a real model; Save / Load Sketch Predictor to reuse it.")
 
+NOTE_SEGMENT = (
+    "Word segmentation of a real image with the model's own attention (DAAM on a real image, refined by "
+    "self-attention propagation as training-free diffusion segmenters do). Segment Words encodes the image, "
+    "noises it a little (noise_level 0.1), reads each word's cross-attention in one model call and propagates "
+    "the maps through the finest self-attention layers in a second: one mask per word. The second Segment Words "
+    "gives the circle's mask alone, and Set Latent Noise Mask repaints only there with 'a green circle'.\n\n"
+    "On the shapes world the masks reach IoU 0.90 with the true objects (raw cross-attention thresholded: 0.46). "
+    "Try: refine 0 (raw maps), soft masks, more samples on real photographs, a phrase ('blue square') as one "
+    "word; feed the masks to Region Prompt, Paint with Words (mask_phrases in the words' order) or MasaCtrl.")
+
+NOTE_SEGMENT_DIT = (
+    "Segment Words on the shapes-world DiT (a Flux-class model): the same node, the word maps read from joint "
+    "attention (the image queries' share of the softmax on each word's text keys) and refined through the "
+    "image-query x image-key part of every block. Shapes-world mask IoU 0.84 (raw cross-attention 0.71).\n\n"
+    "Try: refine 2-3, refine_layers single (the single-stream blocks), soft masks. (No inpainting here: the shapes-world DiT erases a noise-masked region instead of "
+    "repainting it; the UNet example `segment_words` inpaints.)")
+
 NOTE_PROMPT_SWITCH = (
     "eDiff-I's prompt switching. The noisy early steps fix the layout, the later ones the details: Prompt "
     "Switching gives 'a red circle' the first 30 % of the schedule and 'a blue circle' the rest, in one "
@@ -581,6 +633,12 @@ WORKFLOWS = {
     "sketch_guidance": lambda: sketch_guidance("sketch_guidance", [f"attnctl_sketch_train_{i}.png" for i in range(1, 9)],
                                                "attnctl_sketch_outline.png", "a shape", "a red square", NOTE_SKETCH,
                                                strength=0.8),
+    "segment_words": lambda: segment_words("segment_words", "attnctl_shapes_example.png",
+                                           "a blue square and a red circle", "circle, square, blue, red",
+                                           "a blue square and a green circle", NOTE_SEGMENT),
+    "segment_words_dit": lambda: segment_words("segment_words_dit", "attnctl_shapes_example.png",
+                                               "a blue square and a red circle", "circle, square, blue, red",
+                                               None, NOTE_SEGMENT_DIT, load=dit_loader),
     "prompt_switching": lambda: prompt_switching("prompt_switching", "a red circle", "a blue circle", 0.3,
                                                  NOTE_PROMPT_SWITCH),
     "sketch_guidance_dit": lambda: sketch_guidance(

@@ -3,7 +3,7 @@
 
 def all_nodes():
     from . import (capture, collage, experts, inversion, layout, masactrl, p2p, pix2pix_zero, prompt_switch, regions,
-                   shapes_world, sketch, svdiff, tiled, weight_edits)
+                   segment, shapes_world, sketch, svdiff, tiled, weight_edits)
     return [*capture.NODES, *p2p.NODES, *layout.NODES, *masactrl.NODES, *inversion.NODES, *tiled.NODES, *regions.NODES,
             *collage.NODES, *shapes_world.NODES, *weight_edits.NODES, *svdiff.NODES, *pix2pix_zero.NODES,
-            *sketch.NODES, *prompt_switch.NODES, *experts.NODES]
+            *sketch.NODES, *prompt_switch.NODES, *experts.NODES, *segment.NODES]

@@ -62,17 +62,23 @@ class CaptureAttention(io.ComfyNode):
     def execute(cls, model, clip, prompt, words, layers, start_percent, end_percent, keep_per_step):
         check_widgets(cls, locals())
         check_capture_widgets(locals())
-        specs, prompt_len = resolve_words(clip, prompt, words)
-        handle = AttentionMaps([s.label for s in specs])
-        if is_dit(model):
-            cond_len = dit_context(clip, prompt).cond_length if is_dit_clip(clip) else prompt_len
-            ctrl = DitCaptureController(specs, prompt_len, handle, DitLayerSelector.parse(layers),
-                                        start_percent, end_percent, keep_per_step, cond_len=cond_len,
-                                        variants=prompt_variants(clip, prompt, words))
-        else:
-            ctrl = CaptureController(specs, prompt_len, handle, LayerSelector.parse(layers),
-                                     start_percent, end_percent, keep_per_step)
+        ctrl, handle = capture_controller(model, clip, prompt, words, layers, start_percent, end_percent,
+                                          keep_per_step)
         return io.NodeOutput(attach(model, ctrl), handle)
+
+
+def capture_controller(model, clip, prompt: str, words: str, layers: str, start: float = 0.0, end: float = 1.0,
+                       keep_per_step: bool = False):
+    """-> (the capture controller for `model`'s family, its ATTN_MAPS handle)."""
+    specs, prompt_len = resolve_words(clip, prompt, words)
+    handle = AttentionMaps([s.label for s in specs])
+    if is_dit(model):
+        cond_len = dit_context(clip, prompt).cond_length if is_dit_clip(clip) else prompt_len
+        ctrl = DitCaptureController(specs, prompt_len, handle, DitLayerSelector.parse(layers), start, end,
+                                    keep_per_step, cond_len=cond_len, variants=prompt_variants(clip, prompt, words))
+    else:
+        ctrl = CaptureController(specs, prompt_len, handle, LayerSelector.parse(layers), start, end, keep_per_step)
+    return ctrl, handle
 
 
 def check_capture_widgets(values: dict) -> None:
