@@ -5,7 +5,7 @@ SHELL := /bin/bash
 PY = .venv/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv browser test test-semantic demo bench shapes-model shapes-model-dit clean
+.PHONY: venv browser validate test test-semantic demo bench shapes-model shapes-model-dit clean
 
 venv:
 	@v=$$(bash scripts/host.sh) && ln -sfn "$$v" .venv
@@ -14,7 +14,11 @@ venv:
 browser:
 	@bash scripts/browser.sh
 
-test: venv browser
+# `comfy node validate` (registry checks: pyproject, no exec / eval / one-line statements) in a tools venv
+validate:
+	@bash scripts/validate.sh
+
+test: venv browser validate
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-semantic: venv

@@ -740,7 +740,10 @@ def sketch_inputs(out_dir, n=8, seed=0):
             os.path.join(out_dir, f"attnctl_sketch_train_{i + 1}.png"), optimize=True)
     m = D.shape_mask("square", 12.0, 12.0, 14.0)
     inner = m.copy()
-    inner[1:] &= m[:-1]; inner[:-1] &= m[1:]; inner[:, 1:] &= m[:, :-1]; inner[:, :-1] &= m[:, 1:]
+    inner[1:] &= m[:-1]
+    inner[:-1] &= m[1:]
+    inner[:, 1:] &= m[:, :-1]
+    inner[:, :-1] &= m[:, 1:]
     sk = np.ones((32, 32, 3), np.float32)
     sk[m & ~inner] = 0.0
     Image.fromarray((up(sk) * 255).round().astype(np.uint8)).save(os.path.join(out_dir, "attnctl_sketch_outline.png"),

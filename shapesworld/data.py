@@ -91,7 +91,10 @@ def _place(rng: np.random.Generator, shape: str, size: float, occupied: np.ndarr
             return cx, cy, m
         # keep a 1 px gap: dilate the new mask by one pixel
         d = m.copy()
-        d[1:] |= m[:-1]; d[:-1] |= m[1:]; d[:, 1:] |= m[:, :-1]; d[:, :-1] |= m[:, 1:]
+        d[1:] |= m[:-1]
+        d[:-1] |= m[1:]
+        d[:, 1:] |= m[:, :-1]
+        d[:, :-1] |= m[:, 1:]
         if not (d & occupied).any():
             return cx, cy, m
         size = max(MIN_SIZE, size - 0.5)
