@@ -299,6 +299,9 @@ def run_demo(ckpt: str | None = None, out_dir: str = "out", steps: int | None = 
     if groups:
         sheet = contact_sheet(groups, os.path.join(out_dir, "contact_sheet.png"))
         log.info("contact sheet: %s", sheet)
+    if thumbnails:
+        from devtools import help_pages
+        help_pages.main([])          # the help pages' pictures follow the new thumbnails
     if failures:
         log.error("%d of %d workflows failed: %s", len(failures), len(workflows), ", ".join(failures))
         return 1

@@ -60,3 +60,31 @@ def test_pyproject_declares_what_is_tested():
     import comfyui_version
     assert comfyui_version.__version__ == "0.3.75"
     assert "torch" not in " ".join(meta["project"]["dependencies"])
+
+
+# the words issue 22 asks the node search to know, each on at least one node
+ISSUE_WORDS = ["p2p", "prompt2prompt", "word swap", "panorama", "360", "tiled", "multidiffusion", "regional",
+               "region prompt", "attention couple", "daam", "heatmap", "cross attention", "layout", "boxes",
+               "masactrl", "inversion", "collage", "time", "svdiff", "pix2pix-zero", "sketch", "ediff-i",
+               "segment", "expert denoisers", "prompt switch"]
+
+
+def test_every_node_has_search_aliases_and_help_pages_carry_them(pack):
+    from attention_control.nodes.aliases import ALIASES, schema_takes_aliases
+    from devtools import help_pages
+    ids = {cls.define_schema().node_id for cls in _nodes(pack)}
+    assert ids == set(ALIASES), (ids ^ set(ALIASES))
+    words = {w for v in ALIASES.values() for w in v}
+    assert not [w for w in ISSUE_WORDS if w not in words]
+    assert all(v and len(v) == len(set(v)) for v in ALIASES.values())
+    # ComfyUI 0.3.75's Schema has no search_aliases: the nodes register unchanged
+    assert not schema_takes_aliases()
+    assert not any(cls.__dict__.get("_attnctl_aliased") for cls in _nodes(pack))
+    # each page's generated block (demo picture, aliases) and the copied pictures are current
+    assert help_pages.main(["--check"]) == 0, "run python -m devtools.help_pages"
+    for node, example in help_pages.examples_by_node().items():
+        with open(os.path.join(REPO, "web", "docs", f"{node}.md")) as f:
+            assert f"images/{example}.jpg" in f.read(), node
+        with open(os.path.join(REPO, "example_workflows", f"{example}.jpg"), "rb") as a, \
+                open(os.path.join(REPO, "web", "docs", "images", f"{example}.jpg"), "rb") as b:
+            assert a.read() == b.read(), example
