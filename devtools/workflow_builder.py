@@ -36,19 +36,123 @@ class Graph:
     def note(self, text, title="About this workflow"):
         """A Note node (front end only: the API conversion drops it) with what the workflow does."""
         nid = self.add("Note", [text], title=title)
-        self.nodes[-1]["size"] = [320, 480]
         self.nodes[-1]["color"], self.nodes[-1]["bgcolor"] = "#432", "#653"
         return nid
 
     def dump(self, path):
         name = os.path.splitext(os.path.basename(path))[0]
+        groups = self.lay_out()
         # the front end validates workflow ids as UUIDs: a stable one per example
         wf = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "attention-control/" + name)), "revision": 0,
               "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
-              "links": self.links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+              "links": self.links, "groups": groups, "config": {}, "extra": {}, "version": 0.4}
         with open(path, "w") as f:
             json.dump(wf, f, indent=1)
             f.write("\n")
+
+    def lay_out(self) -> list[dict]:
+        """Positions every node left to right and returns one group per stage (load, prompts, attention
+        control, sampling, output). A node's stage is its type's, or the latest stage of what feeds it, so
+        that no wire runs back to the left; inside a stage, columns follow the longest path from the
+        stage's first nodes, and each column's nodes are stacked in the order of what feeds them. The Note
+        sits left of everything. Untitled prompt encoders get titles (Prompt / Negative prompt)."""
+        feeds = {n["id"]: [] for n in self.nodes}
+        for _lid, src, _slot, dst, _i, _t in self.links:
+            feeds[dst].append(src)
+        stage, depth = {}, {}
+        for n in self.nodes:                   # ids are in creation order: sources come first
+            nid = n["id"]
+            if n["type"] == "CLIPTextEncode" and "title" not in n:
+                n["title"] = "Negative prompt" if not (n["widgets_values"] or [""])[0] else "Prompt"
+            if n["type"] == "Note":
+                continue
+            stage[nid] = max([_stage_of(n["type"])] + [stage[s] for s in feeds[nid] if s in stage])
+            same = [depth[s] for s in feeds[nid] if s in stage and stage[s] == stage[nid]]
+            depth[nid] = 1 + max(same) if same else 0
+        for n in self.nodes:
+            n["size"] = list(_size_of(n))
+        gap_x, gap_y, top = 60, 50, 90
+        x = 40
+        notes = [n for n in self.nodes if n["type"] == "Note"]
+        y = top
+        for n in notes:
+            n["pos"] = [x, y]
+            y += n["size"][1] + gap_y
+        if notes:
+            x += max(n["size"][0] for n in notes) + 2 * gap_x
+        groups = []
+        row_of: dict[int, float] = {}
+        for si, title in enumerate(STAGES):
+            members = [n for n in self.nodes if stage.get(n["id"]) == si]
+            if not members:
+                continue
+            x0 = x
+            for d in range(max(depth[n["id"]] for n in members) + 1):
+                col = [n for n in members if depth[n["id"]] == d]
+                col.sort(key=lambda n: (min([row_of.get(s, 1e9) for s in feeds[n["id"]]] or [1e9]), n["id"]))
+                y = top
+                for n in col:
+                    n["pos"] = [x, y]
+                    row_of[n["id"]] = y
+                    y += n["size"][1] + gap_y
+                x += max(n["size"][0] for n in col) + gap_x
+            x1 = x - gap_x
+            y1 = max(n["pos"][1] + n["size"][1] for n in members)
+            groups.append({"id": len(groups) + 1, "title": title, "bounding": [x0 - 20, top - 60, x1 - x0 + 40,
+                                                                             y1 - top + 90],
+                           "color": STAGE_COLOURS[si], "font_size": 24, "flags": {}})
+            x += gap_x
+        for i, n in enumerate(sorted(self.nodes, key=lambda n: (n["pos"][0], n["pos"][1]))):
+            n["order"] = i
+        return groups
+
+
+STAGES = ("Load", "Prompts, images and latents", "Attention control", "Sampling", "Output")
+STAGE_COLOURS = ("#3f789e", "#8a8a3f", "#a1309b", "#3f8a5a", "#88733f")
+
+
+def _stage_of(type_: str) -> int:
+    if type_.endswith("Loader") or type_ in ("CheckpointLoaderSimple", "LoadImage", "UNETLoader", "CLIPLoader",
+                                             "VAELoader", "AttnCtl_ShapesWorldLoader",
+                                             "AttnCtl_ShapesWorldDiTLoader") or type_.startswith("ModelSampling"):
+        return 0
+    if type_ in ("CLIPTextEncode", "EmptyLatentImage", "EmptyHunyuanLatentVideo", "EmptySD3LatentImage",
+                 "VAEEncode", "ImageBatch", "AttnCtl_PromptSwitch", "AttnCtl_Boxes", "AttnCtl_EditDirection"):
+        return 1
+    if type_ in ("KSampler", "KSamplerAdvanced", "SamplerCustom", "SamplerCustomAdvanced", "BasicScheduler",
+                 "KSamplerSelect", "RandomNoise", "DisableNoise", "CFGGuider", "BasicGuider", "LatentFromBatch"):
+        return 3
+    if type_.startswith(("Save", "Preview")) or type_ in ("VAEDecode", "MaskToImage", "AttnCtl_AttentionHeatmap",
+                                                          "PlotLossGraph", "LossGraphNode"):
+        return 4
+    return 2
+
+
+def _size_of(n: dict) -> tuple[int, int]:
+    """A node's size as the front end draws it, near enough to lay out without overlaps."""
+    if n["type"] == "Note":
+        return 360, 420
+    if n["type"] == "AttnCtl_Boxes":
+        return 420, 640                       # the box editor's canvas under the widgets
+    widgets = n["widgets_values"]
+    long_text = sum(1 for w in widgets if isinstance(w, str) and ("\n" in w or len(w) > 36))
+    rows = max(len(n["inputs"]), len(n["outputs"]))
+    h = 50 + 22 * rows + 26 * (len(widgets) - long_text) + 110 * long_text
+    if n["type"].startswith(("Save", "Preview")) or n["type"] == "AttnCtl_AttentionHeatmap":
+        h = max(h, 300)                       # room for the image preview
+    w = 400 if n["type"].startswith("AttnCtl_") else 320
+    mw, mh = MIN_SIZE.get(n["type"], (0, 0))
+    return max(w, mw), max(h, mh)
+
+
+# sizes the front end (1.32) gives these nodes at least (their multiline widgets, LoadImage's preview, long
+# widget labels), measured on the examples: a node saved smaller grows on load and would overlap its neighbours
+MIN_SIZE = {
+    "LoadImage": (320, 340), "AttnCtl_PromptToPrompt": (400, 490), "AttnCtl_MasaCtrl": (400, 440),
+    "AttnCtl_RegionPrompt": (400, 190), "AttnCtl_RegionConditioning": (400, 310), "AttnCtl_CollageLayer": (400, 190),
+    "AttnCtl_EditAssumption": (400, 250), "BasicScheduler": (430, 160), "SamplerCustomAdvanced": (420, 170),
+    "UNETLoader": (370, 130), "CLIPTextEncode": (360, 110),
+}
 
 
 def loader(g):
@@ -626,6 +730,76 @@ NOTE_SKETCH_DIT = NOTE_SKETCH.replace("Sketch-guided text-to-image (Voynov et al
                                       "Sketch-guided text-to-image (Voynov et al. 2022) on a DiT (the shapes-world "
                                       "Flux-class model: the values of the image tokens of four blocks, cfg 5).")
 
+# the Note of each example built without one (what the technique does, which inputs to try)
+NOTES = {
+    "capture_attention": (
+        "DAAM-style attention maps: Capture Attention Maps patches the MODEL so that sampling records how much the "
+        "image attends to each word (cross-attention after softmax, summed over layers, heads and steps). Attention "
+        "Heat Map draws one map per word over the decoded image and gives masks.\n\n"
+        "Try: other words of the prompt (a phrase such as 'red circle' sums its tokens), layers 'up' or '16', "
+        "start/end_percent to see when a word takes its place, keep_per_step with per_step for one map per step."),
+    "capture_attention_dit": (
+        "Attention maps on a DiT (the shapes-world Flux-class model): the same nodes read the image queries' share "
+        "of the joint-attention softmax on each word's text keys.\n\nTry: layers 'double' or 'single', a phrase "
+        "as one word, keep_per_step."),
+    "collage_layers": (
+        "Collage Diffusion: RGBA layers (a background, a red disc with its mask) are composited, and each layer's "
+        "region is noised by its own strength and bound to its prompt through cross-attention, so the result keeps "
+        "the collage's layout and harmonises it.\n\nTry: a layer's strength (0 = kept as pasted, 1 = redrawn), "
+        "the harmony strength of Collage Layers, your own images with alpha (LoadImage's MASK)."),
+    "inversion_p2p_edit": (
+        "A real image edited with Prompt-to-Prompt: DDIM Inversion takes the shipped image up to noise along the "
+        "deterministic path, Prompt-to-Prompt swaps 'red' for 'green' in the caption, and Replay Source makes the "
+        "source half of the batch follow the inversion exactly, so the edit keeps everything but the circle.\n\n"
+        "Try: another target word, more inversion steps (sample with the same steps), Null-Text Inversion for "
+        "higher CFG."),
+    "layout_guidance": (
+        "Layout guidance (Chen et al., backward mode): during the first steps the latent is moved by the gradient of "
+        "an energy that asks the phrase's cross-attention to lie inside its box. Draw or move the box in the Boxes "
+        "editor; its phrase must be in the prompt.\n\nMeasured on the shapes world: the object's centre lands in the "
+        "box in 81-88 % of seeds vs 25 % unguided. Try: mode forward (no gradients, cheaper), strength, the number "
+        "of guided steps, two boxes with two phrases."),
+    "masactrl": (
+        "MasaCtrl: the target image is sampled with the source's self-attention keys and values from a chosen step "
+        "and layer on, so it takes the source's appearance and keeps its own layout or pose ('on the left' -> 'on "
+        "the right').\n\nTry: start_step and start_layer (later = more of the target's own structure), a word mask "
+        "(mask words) so foreground and background attend apart."),
+    "p2p_replace": (
+        "Prompt-to-Prompt word swap: the source prompt and each target prompt (one per line) are sampled from the "
+        "same noise; for the first part of the steps the targets use the source's cross-attention maps, so the "
+        "layout stays and only the swapped word changes.\n\nTry: cross_replace (the fraction of steps with the "
+        "source's maps), self_replace, other colour or shape words."),
+    "p2p_refine": (
+        "Prompt-to-Prompt refine: the target adds words ('and a blue square'); the words both prompts share keep "
+        "the source's attention, the new ones attend freely, so the red circle stays and a square appears.\n\n"
+        "Try: cross_replace, adding a position word."),
+    "p2p_reweight": (
+        "Prompt-to-Prompt reweight: one word's cross-attention is scaled ('blue: 3'), which strengthens (or with a "
+        "factor below 1 weakens) what it describes while the rest stays.\n\nTry: factors 0.5, 2, 5; two words."),
+    "p2p_local_blend": (
+        "Prompt-to-Prompt with local blending: the swap (red -> yellow) is confined to where the blended words "
+        "attend; elsewhere the target's latent is the source's at every step, so the square is untouched.\n\n"
+        "Try: the blend threshold, blending on the shape word only."),
+    "paint_with_words": (
+        "Paint with words (eDiff-I): each box's phrase gets extra cross-attention inside its box, weighted by "
+        "w' log(1 + sigma) max(QK^T), so the phrase is painted where it was drawn.\n\nTry: the weight, moving the "
+        "boxes, masks instead of boxes (mask_phrases in mask order), the mode."),
+    "region_prompts": (
+        "Region prompts: each box gets its own prompt; in cross-attention every pixel attends to its region's prompt "
+        "(attention-couple style, one forward), with a background prompt for the rest.\n\nMeasured on the shapes "
+        "world: each colour lands in its region in most seeds, far above the plain prompt. Try: the boxes, the "
+        "bootstrap fraction (early steps with the whole prompt), masks instead of boxes."),
+    "region_prompts_dit": (
+        "Region prompts on a DiT (the shapes-world Flux-class model): joint attention is masked so that each "
+        "region's image tokens see their own prompt's tokens.\n\nTry: the boxes, the image attention setting of "
+        "Region Conditioning."),
+    "tiled_diffusion": (
+        "Tiled sampling (Mixture of Diffusers here; MultiDiffusion and DiffCollage on the same node): a 768x256 "
+        "panorama from 256-pixel tiles denoised at every step and blended, wrapping around horizontally for a "
+        "seamless 360 strip.\n\nTry: merge multidiffusion, tile overlap, wrap off, a per-tile prompt."),
+}
+
+
 WORKFLOWS = {
     "pix2pix_zero_real": lambda: pix2pix_zero_real("pix2pix_zero_real", "attnctl_p2pzero_example.png",
                                                    "a red circle and a green square", colour_sentences("red"),
@@ -658,6 +832,8 @@ WORKFLOWS = {
                                            "a red car driving along a coastal road, sunny day, cinematic",
                                            "a blue car driving along a coastal road, sunny day, cinematic",
                                            note=NOTE_WAN),
+    "capture_attention": lambda: capture("capture_attention", "a red circle and a blue square",
+                                         "red, blue, circle, square"),
     "capture_attention_dit": lambda: capture("capture_attention_dit", "a red circle and a blue square",
                                              "red, blue, circle, square", load=dit_loader, cfg=5.0),
     "region_prompts_dit": lambda: region_prompts("region_prompts_dit",
@@ -793,7 +969,10 @@ def main():
     p2pzero_inputs(os.path.join(out_dir, "input"))
     sketch_inputs(os.path.join(out_dir, "input"))
     for name, build in WORKFLOWS.items():
-        build().dump(os.path.join(out_dir, f"{name}.json"))
+        g = build()
+        if name in NOTES and not any(n["type"] == "Note" for n in g.nodes):
+            g.note(NOTES[name])
+        g.dump(os.path.join(out_dir, f"{name}.json"))
     for name, lines in CARD_THUMBNAILS.items():
         card_thumbnail(os.path.join(out_dir, f"{name}.jpg"), lines)
 

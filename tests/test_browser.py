@@ -90,7 +90,10 @@ class Front:
 
     def load(self, workflow: dict):
         self.page.evaluate("async (wf) => { await window.app.loadGraphData(wf); }", workflow)
-        self.page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1; c.ds.offset = [0, 40];"
+        # scale 1, the box editor (where the workflow has one) near the top left of the view
+        self.page.evaluate("() => { const c = window.app.canvas; c.ds.scale = 1;"
+                           " const b = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes');"
+                           " c.ds.offset = b ? [-b.pos[0] + 40, -b.pos[1] + 60] : [0, 40];"
                            " c.setDirty(true, true); }")
         self.page.wait_for_timeout(500)
 
@@ -375,3 +378,20 @@ def test_example_workflow_loads_in_the_front_end(server, front, name):
     alerts = [e for e in front.errors if "Invalid workflow" in e or "zod" in e]
     toast = front.page.locator(".p-toast-message").all_inner_texts()
     assert not alerts and not [t for t in toast if "Invalid workflow" in t], (alerts, toast)
+    # laid out as drawn: no two nodes overlap (title bars included, at the sizes the front end gives them), no
+    # wire runs right to left, every node sits inside its stage's group, a Note says what the workflow does
+    rects = front.page.evaluate("""() => window.app.graph.nodes.map(n => {
+        const th = window.LiteGraph.NODE_TITLE_HEIGHT;
+        return [n.id, n.type, n.pos[0], n.pos[1] - th, n.size[0], n.size[1] + th]; })""")
+    over = [(a[1], b[1]) for i, a in enumerate(rects) for b in rects[i + 1:]
+            if a[2] < b[2] + b[4] and b[2] < a[2] + a[4] and a[3] < b[3] + b[5] and b[3] < a[3] + a[5]]
+    assert not over, f"{name}: overlapping nodes {over}"
+    x = {r[0]: r[2] for r in rects}
+    assert all(x[l[3]] > x[l[1]] for l in wf["links"]), f"{name}: a wire runs back to the left"
+    assert any(n["type"] == "Note" for n in wf["nodes"]), f"{name}: no Note"
+    groups = front.page.evaluate("() => window.app.graph.groups.map(g => [g.title, ...g._bounding])")
+    assert groups, f"{name}: no groups"
+    for r in rects:
+        if r[1] != "Note":
+            assert any(g[1] <= r[2] and r[2] + r[4] <= g[1] + g[3] and g[2] <= r[3] and r[3] + r[5] <= g[2] + g[4]
+                       for g in groups), f"{name}: {r[1]} is in no group"
