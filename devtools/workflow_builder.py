@@ -42,6 +42,7 @@ class Graph:
     def dump(self, path):
         name = os.path.splitext(os.path.basename(path))[0]
         groups = self.lay_out()
+        self.execution_order()
         # the front end validates workflow ids as UUIDs: a stable one per example
         wf = {"id": str(uuid.uuid5(uuid.NAMESPACE_URL, "attention-control/" + name)), "revision": 0,
               "last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
@@ -49,6 +50,28 @@ class Graph:
         with open(path, "w") as f:
             json.dump(wf, f, indent=1)
             f.write("\n")
+
+    def execution_order(self) -> None:
+        """Nodes listed and numbered (`order`) as the front end's LiteGraph orders them on load (sources in
+        list order, then breadth first along the links), so that the order is a fixed point: otherwise the
+        first undo after loading rebuilds the graph in another order and records that as a change."""
+        by_id = {n["id"]: n for n in self.nodes}
+        pending = {n["id"]: sum(1 for i in n["inputs"] if i.get("link") is not None) for n in self.nodes}
+        queue = [n for n in self.nodes if pending[n["id"]] == 0]
+        out = []
+        while queue:
+            n = queue.pop(0)
+            out.append(n)
+            for o in n["outputs"]:
+                for lid in o["links"]:
+                    dst = by_id[self.links[lid - 1][3]]
+                    pending[dst["id"]] -= 1
+                    if pending[dst["id"]] == 0:
+                        queue.append(dst)
+        out += [n for n in self.nodes if n not in out]
+        for i, n in enumerate(out):
+            n["order"] = i
+        self.nodes[:] = out
 
     def lay_out(self) -> list[dict]:
         """Positions every node left to right and returns one group per stage (load, prompts, attention
@@ -102,8 +125,6 @@ class Graph:
                                                                              y1 - top + 90],
                            "color": STAGE_COLOURS[si], "font_size": 24, "flags": {}})
             x += gap_x
-        for i, n in enumerate(sorted(self.nodes, key=lambda n: (n["pos"][0], n["pos"][1]))):
-            n["order"] = i
         return groups
 
 

@@ -108,11 +108,17 @@ class Front:
         }""")
 
     def value(self) -> list:
+        """The `boxes` widget's text, which the editor writes in the readable line form, as [{phrase, box}]."""
         node = self.boxes_node()
         assert node is not None, "the AttnCtl_Boxes node is gone"
         text = node[1]
-        assert text.strip().startswith("["), f"the boxes widget does not hold the editor's JSON: {text!r}"
-        return json.loads(text)
+        assert not text.strip().startswith("["), f"the editor wrote JSON, not one line per box: {text!r}"
+        out = []
+        for line in filter(None, (ln.strip() for ln in text.splitlines())):
+            phrase, _, nums = line.rpartition(":")
+            vals = [v.strip() for v in nums.split(",")]
+            out.append({"phrase": phrase.strip(), "box": [int(v) if v.lstrip("-").isdigit() else float(v) for v in vals]})
+        return out
 
     def canvas(self):
         loc = self.page.locator("canvas.attnctl-box-canvas")
@@ -199,6 +205,8 @@ def test_box_editor_draw_queue_and_reload(server, front):
     new = boxes[1]
     assert new["phrase"] and near(new["box"], [0.55, 0.6, 0.95, 0.95]), new
     assert all(round(v, 3) == v for v in new["box"]), f"fractions must be rounded to 3 decimals: {new}"
+    # snapped to latent cells (256 px / 8 = 32 cells a side)
+    assert all(abs(v * 32 - round(v * 32)) < 0.02 for v in new["box"]), f"not on the latent grid: {new}"
 
     # name it: double-click the box, type the phrase
     front.page.mouse.dblclick(*front.at(0.75, 0.8))
@@ -275,6 +283,64 @@ def test_box_editor_draw_queue_and_reload(server, front):
     assert again[1] == value and len(again[2]) == 1 and near(again[2][0]["box"], resized), again
     front.canvas()
     front.shot("04_reloaded")
+    assert not [e for e in front.errors if "attention_control" in e], front.errors
+
+
+def test_box_editor_undo_keys_and_prompt_check(server, front):
+    """Each edit is one undo step of the front end (Ctrl+Z / Ctrl+Y); Delete in the editor never deletes the
+    node; arrows nudge one latent cell, Ctrl+D duplicates, ] brings a box forward; a phrase that the linked
+    Layout Guidance prompt lacks is marked before queueing, and the prompt's phrases are offered."""
+    front.open()
+    front.load(browser_workflow(server))
+    node_id = front.boxes_node()[0]
+    front.page.wait_for_timeout(300)
+    front.drag((0.55, 0.55), (0.8, 0.8))                   # edit 1: a new box ('object 2')
+    front.drag((0.6, 0.6), (0.7, 0.65))                    # edit 2: moved
+    after_move = front.value()
+    assert len(after_move) == 2
+    front.page.mouse.click(*front.at(0.98, 0.02))          # focus the editor, nothing selected
+    front.page.keyboard.press("Delete")
+    front.page.wait_for_timeout(200)
+    assert front.boxes_node() is not None and front.boxes_node()[0] == node_id, "Delete removed the node"
+    # one Ctrl+Z undoes the move only (not every edit since the workflow was loaded); Ctrl+Y redoes it.
+    # (A second Ctrl+Z in a row is the front end's business: its graph rebuild after an undo renumbers the
+    # execution order of a node brought to front, which its change tracker then counts as an edit.)
+    front.page.mouse.click(*front.at(0.98, 0.02))
+    front.page.keyboard.press("Control+z")
+    front.page.wait_for_timeout(300)
+    undone = front.value()
+    assert len(undone) == 2 and not near(undone[1]["box"], after_move[1]["box"], 0.01), undone
+    assert near(undone[1]["box"], [0.55, 0.55, 0.8, 0.8]), undone
+    assert len(front.boxes_node()[2]) == 2 and near(front.boxes_node()[2][1]["box"], undone[1]["box"], 1e-6)
+    front.page.mouse.click(*front.at(0.98, 0.02))
+    front.page.keyboard.press("Control+y")
+    front.page.wait_for_timeout(300)
+    assert front.value() == after_move, (front.value(), after_move)
+    # select the new box, nudge it right by one latent cell (8 / 256 of the width), shift+down by eight
+    front.click((0.7, 0.7))
+    before = front.value()[1]["box"]
+    front.page.keyboard.press("ArrowRight")
+    front.page.keyboard.press("Shift+ArrowDown")
+    nudged = front.value()[1]["box"]
+    assert abs(nudged[0] - before[0] - 8 / 256) < 2e-3 and abs(nudged[1] - min(before[1] + 64 / 256, 1 - (before[3] - before[1])) ) < 2e-3, (before, nudged)
+    # duplicate it (the copy goes right after it), then send the copy back one place in the z-order
+    front.page.keyboard.press("Control+d")
+    three = front.value()
+    assert len(three) == 3 and three[2]["phrase"] == three[1]["phrase"], three
+    front.page.keyboard.press("[")
+    assert front.value()[1]["box"] == three[2]["box"], front.value()
+    # the phrase 'object 2' is not in 'a red circle': marked in the editor before queueing
+    info = front.page.locator(".attnctl-box-info").inner_text()
+    assert info == "not in prompt", info
+    options = front.page.evaluate("() => [...document.querySelectorAll('.attnctl-box-editor datalist option')]"
+                                  ".map(o => o.value)")
+    assert "red circle" in options and "circle" in options, options
+    # typed numbers move the selected box
+    coords = front.page.locator("input.attnctl-box-coords")
+    coords.fill("0.25,0.25,0.5,0.5")
+    coords.press("Enter")
+    assert front.value()[1]["box"] == [0.25, 0.25, 0.5, 0.5], front.value()
+    front.shot("07_editor_keys")
     assert not [e for e in front.errors if "attention_control" in e], front.errors
 
 

@@ -4,10 +4,12 @@
 //    with the mouse (drag on an empty area = new box, drag inside a box = move it, drag a corner handle
 //    of the selected box = resize, Delete key or the "delete" button = remove the selected box). Each box
 //    carries a phrase (edit it in the text field under the canvas; double-click a box to focus it).
-//    Every change rewrites the node's `boxes` STRING widget with the JSON form
-//    [{"phrase": ..., "box": [x0, y0, x1, y1]}] (fractions rounded to 3 decimals, or whole pixels when
-//    units = pixels), so the boxes are saved in the workflow JSON and sent to the server as usual; the
-//    editor re-reads that widget (lines or JSON) whenever the text changes or a workflow is loaded.
+//    Every change rewrites the node's `boxes` STRING widget with one 'phrase: x0,y0,x1,y1' line per box
+//    (fractions rounded to 3 decimals, or whole pixels when units = pixels), so the boxes are saved in the
+//    workflow JSON and sent to the server as usual, and each change is one undo step of the front end's
+//    change tracker; the editor re-reads that widget (lines or JSON) whenever the text changes or a
+//    workflow is loaded. Phrases the linked node's prompt lacks are marked before queueing; arrows nudge
+//    by latent cells, Ctrl+D duplicates, [ ] change the z-order, boxes snap to latent cells.
 // 2. An attention-map viewer on AttnCtl_AttentionHeatmap: after a run, the heat maps that reached a
 //    Save/Preview node from its `heatmaps` output are shown as a grid labelled with the captured words,
 //    with a step slider when per_step is on.
@@ -29,6 +31,15 @@ const round3 = (v) => Math.round(v * 1000) / 1000;
 
 function widgetByName(node, name) {
   return (node.widgets || []).find((w) => w.name === name);
+}
+
+/** Records one undo step in the front end's change tracker (the editor's pointer and key events do not
+ *  reach the graph canvas, whose handlers would otherwise check the state). */
+function undoStep() {
+  try {
+    const wf = app.extensionManager?.workflow?.activeWorkflow;
+    (wf?.changeTracker ?? app.workflowManager?.activeWorkflow?.changeTracker)?.checkState?.();
+  } catch (_) { /* an older front end without a change tracker */ }
 }
 
 // ------------------------------------------------------------------------------------ box text model
@@ -63,15 +74,53 @@ export function parseBoxesText(text, units, width, height) {
   return out;
 }
 
-/** The JSON form of the boxes, in the node's units (fractions to 3 decimals, or whole pixels). */
+/** The line form of the boxes, one 'phrase: x0,y0,x1,y1' per box, in the node's units (fractions to 3
+ *  decimals, or whole pixels): readable, diffable, and what the server parses. */
 export function formatBoxes(boxes, units, width, height) {
   const px = units === "pixels";
-  return JSON.stringify(boxes.map((b) => ({
-    phrase: b.phrase,
-    box: px ? [b.box[0] * width, b.box[1] * height, b.box[2] * width, b.box[3] * height].map(Math.round)
-            : b.box.map(round3),
-  })));
+  return boxes.map((b) => {
+    const v = px ? [b.box[0] * width, b.box[1] * height, b.box[2] * width, b.box[3] * height].map(Math.round)
+                 : b.box.map(round3);
+    const phrase = String(b.phrase || "").replace(/[\r\n:]+/g, " ").trim() || "object";
+    return `${phrase}: ${v.join(",")}`;
+  }).join("\n");
 }
+
+/** The prompt texts of the nodes the Boxes output feeds (a `prompt` / `base_prompt` widget), with titles. */
+function linkedPrompts(node) {
+  const out = [];
+  const graph = node.graph;
+  for (const o of node.outputs || []) {
+    for (const id of o.links || []) {
+      const link = graph?.getLink?.(id) ?? graph?.links?.[id];
+      const t = link ? graph.getNodeById?.(link.target_id) : null;
+      const w = t && (widgetByName(t, "prompt") || widgetByName(t, "base_prompt"));
+      if (w && typeof w.value === "string") out.push({ title: t.title || t.type, text: w.value });
+    }
+  }
+  return out;
+}
+
+/** Whether `phrase` occurs in `text` as whole words (case-insensitive), as the server's word lookup wants. */
+export function phraseInText(phrase, text) {
+  const words = (s) => String(s || "").toLowerCase().split(/[^\p{L}\p{N}]+/u).filter(Boolean);
+  const p = words(phrase), t = words(text);
+  if (!p.length) return false;
+  for (let i = 0; i + p.length <= t.length; i++) if (p.every((w, j) => t[i + j] === w)) return true;
+  return false;
+}
+
+/** The phrases of the linked prompts a box can take: its words and the runs of two and three words. */
+function promptPhrases(prompts) {
+  const seen = new Set();
+  for (const { text } of prompts) {
+    const w = String(text).toLowerCase().split(/[^\p{L}\p{N}]+/u).filter(Boolean);
+    for (let n = 1; n <= 3; n++) for (let i = 0; i + n <= w.length; i++) seen.add(w.slice(i, i + n).join(" "));
+  }
+  return [...seen];
+}
+
+const LATENT_CELL = 8;     // image pixels per latent cell: the snap grid
 
 // ------------------------------------------------------------------------------------ box editor
 class BoxEditor {
@@ -116,9 +165,36 @@ class BoxEditor {
     info.className = "attnctl-box-info";
     Object.assign(info.style, { flex: "0 0 auto", color: "#999", whiteSpace: "nowrap" });
     bar.append(phrase, del, info);
-    root.append(area, bar);
+    // the prompt's words and phrases as suggestions of the phrase field
+    const list = document.createElement("datalist");
+    list.id = `attnctl-phrases-${Math.random().toString(36).slice(2)}`;
+    phrase.setAttribute("list", list.id);
+    const bar2 = document.createElement("div");
+    Object.assign(bar2.style, { display: "flex", gap: "4px", alignItems: "center", flex: "0 0 auto" });
+    const coords = document.createElement("input");
+    coords.type = "text";
+    coords.className = "attnctl-box-coords";
+    coords.placeholder = "x0,y0,x1,y1";
+    coords.title = "The selected box's corners in the node's units; Enter applies";
+    Object.assign(coords.style, { flex: "1 1 auto", minWidth: "40px", background: "#222", color: "#ddd",
+                                  border: "1px solid #555", borderRadius: "3px", padding: "1px 4px" });
+    const snapLabel = document.createElement("label");
+    Object.assign(snapLabel.style, { flex: "0 0 auto", color: "#999", whiteSpace: "nowrap" });
+    const snapBox = document.createElement("input");
+    snapBox.type = "checkbox";
+    snapBox.className = "attnctl-box-snap";
+    snapBox.checked = true;
+    snapLabel.title = "Snap drawn and moved boxes to latent cells (8 image pixels)";
+    snapLabel.append(snapBox, " snap");
+    const help = document.createElement("span");
+    Object.assign(help.style, { flex: "0 0 auto", color: "#777", whiteSpace: "nowrap", cursor: "help" });
+    help.textContent = "?";
+    help.title = "drag: draw / move; corner: resize; arrows: nudge one latent cell (shift: 8); Ctrl+D: duplicate; "
+      + "[ ]: send back / bring forward; Delete: remove the box; Ctrl+Z / Ctrl+Y: undo / redo each edit";
+    bar2.append(coords, snapLabel, help);
+    root.append(area, bar, bar2, list);
 
-    Object.assign(this, { root, area, canvas, phrase, del, info });
+    Object.assign(this, { root, area, canvas, phrase, del, info, coords, snapBox, list });
     this.bind();
     if (typeof ResizeObserver !== "undefined") {
       this.observer = new ResizeObserver(() => this.draw());
@@ -150,8 +226,9 @@ class BoxEditor {
     this.draw();
   }
 
-  /** Writes the boxes into the `boxes` widget as JSON (called on every change). */
-  commit() {
+  /** Writes the boxes into the `boxes` widget as lines (called on every change); `undo`: record the change
+   *  as one undo step (typing a phrase records one step when the field is left, not one per key). */
+  commit(undo = true) {
     const w = this.textWidget;
     if (!w) return;
     const text = formatBoxes(this.boxes, this.units, this.imgW, this.imgH);
@@ -162,9 +239,29 @@ class BoxEditor {
       w.callback?.(text);
       this.node.setDirtyCanvas?.(true, true);
       this.node.graph?.change?.();
+      if (undo) undoStep();
     }
     this.syncBar();
     this.draw();
+  }
+
+  /** A fraction snapped to the latent grid on one axis (when snapping is on). */
+  snap(v, axis) {
+    if (!this.snapBox?.checked) return v;
+    const cells = (axis === 0 ? this.imgW : this.imgH) / LATENT_CELL;
+    return clamp01(Math.round(v * cells) / cells);
+  }
+
+  /** Phrases of the boxes that the linked prompts do not hold (each box index -> the prompt titles). */
+  missingPhrases() {
+    const prompts = linkedPrompts(this.node);
+    const miss = new Map();
+    if (!prompts.length) return miss;
+    this.boxes.forEach((b, i) => {
+      const lacking = prompts.filter((p) => !phraseInText(b.phrase, p.text)).map((p) => p.title);
+      if (lacking.length) miss.set(i, lacking);
+    });
+    return miss;
   }
 
   // ---- geometry
@@ -230,17 +327,52 @@ class BoxEditor {
         ev.stopPropagation();
         return;
       }
-      if ((ev.key === "Delete" || ev.key === "Backspace") && this.selected >= 0) {
+      if (ev.key === "Delete" || ev.key === "Backspace") {
+        // never the node: the graph's Delete handler would remove it
         ev.preventDefault();
         ev.stopPropagation();
-        this.remove(this.selected);
+        if (this.selected >= 0) this.remove(this.selected);
+        return;
+      }
+      const sel = this.boxes[this.selected];
+      if (!sel) return;
+      const arrows = { ArrowLeft: [-1, 0], ArrowRight: [1, 0], ArrowUp: [0, -1], ArrowDown: [0, 1] };
+      if (arrows[ev.key]) {
+        // one latent cell per press (shift: eight), the box kept inside the image
+        ev.preventDefault();
+        ev.stopPropagation();
+        const k = ev.shiftKey ? 8 : 1;
+        const dx = arrows[ev.key][0] * k * LATENT_CELL / this.imgW, dy = arrows[ev.key][1] * k * LATENT_CELL / this.imgH;
+        const b = sel.box, w = b[2] - b[0], h = b[3] - b[1];
+        const x0 = Math.min(1 - w, Math.max(0, b[0] + dx)), y0 = Math.min(1 - h, Math.max(0, b[1] + dy));
+        b.splice(0, 4, x0, y0, x0 + w, y0 + h);
+        this.commit();
+      } else if ((ev.ctrlKey || ev.metaKey) && ev.key.toLowerCase() === "d") {
+        ev.preventDefault();
+        ev.stopPropagation();
+        this.duplicate(this.selected);
+      } else if (ev.key === "]" || ev.key === "[") {
+        ev.preventDefault();
+        ev.stopPropagation();
+        this.reorder(this.selected, ev.key === "]" ? 1 : -1);
       }
     });
+    this.coords.addEventListener("keydown", (ev) => {
+      ev.stopPropagation();
+      if (ev.key === "Enter") this.applyCoords();
+      if (ev.key === "Escape") { this.syncBar(); this.root.focus(); }
+    });
+    this.coords.addEventListener("change", () => this.applyCoords());
+    for (const type of ["pointerdown", "mousedown", "keyup", "keypress"]) {
+      this.coords.addEventListener(type, (ev) => ev.stopPropagation());
+    }
+    this.snapBox.addEventListener("pointerdown", (ev) => ev.stopPropagation());
     this.phrase.addEventListener("input", () => {
       if (this.selected < 0) return;
       this.boxes[this.selected].phrase = this.phrase.value;
-      this.commit();
+      this.commit(false);
     });
+    this.phrase.addEventListener("change", () => undoStep());
     for (const type of ["pointerdown", "mousedown", "keyup", "keypress"]) {
       this.phrase.addEventListener(type, (ev) => ev.stopPropagation());
     }
@@ -266,6 +398,8 @@ class BoxEditor {
         this.select(i);
         this.drag = { mode: "move", index: i, start: p, orig: [...this.boxes[i].box] };
       } else {
+        p[0] = this.snap(p[0], 0);
+        p[1] = this.snap(p[1], 1);
         this.boxes.push({ phrase: this.defaultPhrase(), box: [p[0], p[1], p[0], p[1]] });
         this.select(this.boxes.length - 1);
         this.drag = { mode: "new", index: this.selected, start: p, orig: [p[0], p[1], p[0], p[1]] };
@@ -284,8 +418,9 @@ class BoxEditor {
     }
     ev.preventDefault();
     ev.stopPropagation();
-    const p = this.point(ev);
+    const raw = this.point(ev);
     const d = this.drag;
+    const p = d.mode === "move" ? raw : [this.snap(raw[0], 0), this.snap(raw[1], 1)];
     const b = this.boxes[d.index].box;
     d.moved = true;
     if (d.mode === "new") {
@@ -293,8 +428,8 @@ class BoxEditor {
                Math.max(d.start[1], p[1]));
     } else if (d.mode === "move") {
       const w = d.orig[2] - d.orig[0], h = d.orig[3] - d.orig[1];
-      const x0 = Math.min(1 - w, Math.max(0, d.orig[0] + p[0] - d.start[0]));
-      const y0 = Math.min(1 - h, Math.max(0, d.orig[1] + p[1] - d.start[1]));
+      const x0 = Math.min(1 - w, Math.max(0, this.snap(d.orig[0] + p[0] - d.start[0], 0)));
+      const y0 = Math.min(1 - h, Math.max(0, this.snap(d.orig[1] + p[1] - d.start[1], 1)));
       b.splice(0, 4, x0, y0, x0 + w, y0 + h);
     } else {
       // the dragged corner follows the pointer, the opposite corner stays
@@ -338,6 +473,44 @@ class BoxEditor {
     this.commit();
   }
 
+  duplicate(i) {
+    const b = this.boxes[i];
+    const w = b.box[2] - b.box[0], h = b.box[3] - b.box[1];
+    const dx = Math.min(LATENT_CELL * 2 / this.imgW, 1 - b.box[2]), dy = Math.min(LATENT_CELL * 2 / this.imgH, 1 - b.box[3]);
+    const x0 = b.box[0] + dx, y0 = b.box[1] + dy;
+    this.boxes.splice(i + 1, 0, { phrase: b.phrase, box: [x0, y0, x0 + w, y0 + h] });
+    this.select(i + 1);
+    this.commit();
+  }
+
+  /** Moves box i one place up (+1: drawn later, on top) or down the z-order (the text's line order). */
+  reorder(i, dir) {
+    const j = i + dir;
+    if (j < 0 || j >= this.boxes.length) return;
+    [this.boxes[i], this.boxes[j]] = [this.boxes[j], this.boxes[i]];
+    this.select(j);
+    this.commit();
+  }
+
+  /** Applies the numbers typed in the coordinate field ('x0,y0,x1,y1' in the node's units). */
+  applyCoords() {
+    const sel = this.boxes[this.selected];
+    if (!sel) return;
+    try {
+      const [b] = parseBoxesText(`x: ${this.coords.value}`, this.units, this.imgW, this.imgH);
+      const v = b.box;
+      if (!(v[0] >= 0 && v[1] >= 0 && v[2] <= 1 && v[3] <= 1 && v[0] < v[2] && v[1] < v[3])) {
+        throw new Error("needs 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1 of the image");
+      }
+      sel.box = v;
+      this.coords.style.borderColor = "#555";
+      this.commit();
+    } catch (e) {
+      this.coords.style.borderColor = "#f66";
+      this.coords.title = `not applied: ${e.message}`;
+    }
+  }
+
   defaultPhrase() {
     const used = new Set(this.boxes.map((b) => b.phrase));
     let n = this.boxes.length + 1;
@@ -350,6 +523,27 @@ class BoxEditor {
     if (document.activeElement !== this.phrase) this.phrase.value = sel ? sel.phrase : "";
     this.phrase.disabled = !sel;
     this.del.disabled = !sel;
+    this.coords.disabled = !sel;
+    if (document.activeElement !== this.coords) {
+      const px = this.units === "pixels";
+      this.coords.value = sel ? (px ? [sel.box[0] * this.imgW, sel.box[1] * this.imgH, sel.box[2] * this.imgW,
+                                       sel.box[3] * this.imgH].map(Math.round) : sel.box.map(round3)).join(",") : "";
+      this.coords.style.borderColor = "#555";
+    }
+    const prompts = linkedPrompts(this.node);
+    const phrases = promptPhrases(prompts);
+    if (this.list.childElementCount !== phrases.length || this.listKey !== phrases.join("|")) {
+      this.listKey = phrases.join("|");
+      this.list.replaceChildren(...phrases.map((p) => Object.assign(document.createElement("option"), { value: p })));
+    }
+    const missing = this.missingPhrases();
+    if (!this.error && sel && missing.has(this.selected)) {
+      this.info.textContent = "not in prompt";
+      this.info.title = `'${sel.phrase}' is not in the prompt of ${missing.get(this.selected).join(", ")}: the run `
+        + "would stop with an error; pick a phrase of the prompt";
+      this.info.style.color = "#f66";
+      return;
+    }
     if (this.error) {
       this.info.textContent = "!";
       this.info.title = this.error;
@@ -393,6 +587,7 @@ class BoxEditor {
     g.fillText(`${this.imgW} x ${this.imgH}`, W - 3, H - 2);
     g.textAlign = "left";
     g.textBaseline = "top";
+    const missing = this.missingPhrases();
     this.boxes.forEach((b, i) => {
       const col = COLORS[i % COLORS.length];
       const x = b.box[0] * W, y = b.box[1] * H, w = (b.box[2] - b.box[0]) * W, h = (b.box[3] - b.box[1]) * H;
@@ -403,7 +598,16 @@ class BoxEditor {
       g.strokeStyle = col;
       g.lineWidth = i === this.selected ? 2.5 : 1.5;
       g.strokeRect(x, y, w, h);
-      const label = b.phrase || "(no phrase)";
+      if (missing.has(i)) {
+        // a phrase the linked prompt lacks: a red dashed frame and a '!' before the label
+        g.save();
+        g.setLineDash([4, 3]);
+        g.strokeStyle = "#ff3030";
+        g.lineWidth = 2;
+        g.strokeRect(x + 1, y + 1, Math.max(0, w - 2), Math.max(0, h - 2));
+        g.restore();
+      }
+      const label = (missing.has(i) ? "! " : "") + (b.phrase || "(no phrase)");
       g.font = "11px sans-serif";
       const tw = g.measureText(label).width + 6;
       g.fillStyle = col;
