@@ -119,6 +119,26 @@ def _latent_rgb_size(latent, image):
     return s.shape[-2] * 8, s.shape[-1] * 8
 
 
+VIEWER_SIDE = 64          # the hover data's map side at most (values 0-255, one list per item and word)
+
+
+def viewer_ui(cls, heat: torch.Tensor, words: list[str], norm: torch.Tensor, steps: list[int]) -> dict:
+    """The node's own previews (so the heat-map viewer needs no Save or Preview node downstream) and, for the
+    viewer's hover ranking, the aggregate normalised maps (items, words, h, w) as 0-255 values at <= 64 x 64,
+    the words and the sampler steps (1-based) of per-step rows."""
+    from comfy_api.latest import ui
+    m = norm
+    h, w = m.shape[-2:]
+    scale = min(1.0, VIEWER_SIDE / max(h, w))
+    side = (max(1, round(h * scale)), max(1, round(w * scale)))
+    small = (M.resize(m.float(), side).clamp(0, 1) * 255).round().to(torch.uint8)
+    data = {"words": list(words), "steps": steps, "items": int(m.shape[0]), "h": side[0], "w": side[1],
+            "values": small.flatten().tolist()}
+    # under the pack's own key: the front end's default image preview would draw them a second time, over
+    # the viewer
+    return {"attnctl_images": ui.PreviewImage(heat, cls=cls).as_dict()["images"], "attnctl_maps": [data]}
+
+
 class AttentionHeatmap(io.ComfyNode):
     @classmethod
     def define_schema(cls):
@@ -143,6 +163,7 @@ class AttentionHeatmap(io.ComfyNode):
                                          "instead of the aggregate."),
             ],
             outputs=[io.Image.Output(display_name="heatmaps"), io.Mask.Output(display_name="masks")],
+            is_output_node=True,         # shows its heat maps itself: it runs without a Save / Preview after it
         )
 
     @classmethod
@@ -170,11 +191,13 @@ class AttentionHeatmap(io.ComfyNode):
             # latent frame it comes from
             idx = video_frame_rows(b // n_frames, n_frames, image.shape[0])
             frames = [f.index_select(0, idx) for f in frames]
+            maps = maps.index_select(0, idx)
             b = image.shape[0]
         if image is not None and image.shape[0] not in (1, b):
             raise ValueError(f"image: batch of {image.shape[0]} does not match the {b} captured items"
                              + (f" ({b // n_frames} videos x {n_frames} latent frames)" if n_frames > 1 else ""))
         norm_all = [M.normalize(f) for f in frames]                    # each (B, W, h, w)
+        steps = [s + 1 for s, _ in attn_maps.step_maps] if per_step else []
         out_img, out_mask = [], []
         for norm in norm_all:
             for i in range(b):
@@ -184,7 +207,9 @@ class AttentionHeatmap(io.ComfyNode):
                     out_img.append(M.overlay(base[..., :3], norm[i, w], alpha))
                     up = M.resize(norm[i, w][None, None], (H, W))[0, 0]
                     out_mask.append((up > threshold).float())
-        return io.NodeOutput(torch.stack(out_img).clamp(0, 1), torch.stack(out_mask))
+        heat = torch.stack(out_img).clamp(0, 1)
+        return io.NodeOutput(heat, torch.stack(out_mask),
+                             ui=viewer_ui(cls, heat, attn_maps.words, M.normalize(maps), steps))
 
 
 NODES = [CaptureAttention, AttentionHeatmap]

@@ -383,8 +383,17 @@ def queue(front) -> dict:
 
 
 def test_heatmap_viewer_shows_a_grid_labelled_with_the_words(server, front):
+    """The viewer needs no Save / Preview node downstream (the heat-map node's own previews), labels the maps
+    with the words, enlarges a map on click, ranks the words at the hovered pixel, and labels per-step rows
+    with their sampler steps."""
     front.open()
     front.load(browser_workflow(server, os.path.join(EXAMPLES, "capture_attention.json")))
+    # no Save Image after the heat maps
+    front.page.evaluate("""() => {
+        const g = window.app.graph;
+        const hm = g.nodes.find(n => n.type === 'AttnCtl_AttentionHeatmap');
+        for (const id of [...(hm.outputs[0].links || [])]) g.remove(g.getNodeById(g.getLink(id).target_id));
+    }""")
     words = front.page.evaluate("""() => window.app.graph.nodes.find(n => n.type === 'AttnCtl_CaptureAttention')
         .widgets.find(w => w.name === 'words').value""")
     words = [w.strip() for w in words.split(",") if w.strip()]
@@ -404,28 +413,45 @@ def test_heatmap_viewer_shows_a_grid_labelled_with_the_words(server, front):
     front.page.evaluate("(p) => { const c = window.app.canvas; c.ds.offset = [-p[0] + 80, -p[1] + 140];"
                         " c.setDirty(true, true); }", node)
     front.page.wait_for_timeout(300)
+    # hover: every word ranked at that pixel, highest first
+    img = front.page.locator(".attnctl-heatmap-grid img").first
+    img.hover(position={"x": 10, "y": 10})
+    ranked = front.page.locator(".attnctl-heatmap-rank").inner_text().splitlines()
+    assert ranked[0] == "at this pixel:" and sorted(r.rsplit(" ", 1)[0] for r in ranked[1:]) == sorted(words), ranked
+    vals = [float(r.rsplit(" ", 1)[1]) for r in ranked[1:]]
+    assert vals == sorted(vals, reverse=True) and all(0 <= v <= 1 for v in vals), ranked
     front.shot("05_heatmap_viewer")
+    # click: the map enlarged over the page, a click closes it
+    img.click()
+    zoom = front.page.locator(".attnctl-heatmap-zoom")
+    assert zoom.count() == 1 and words[0] in zoom.inner_text()
+    front.shot("05b_heatmap_zoom")
+    zoom.click()
+    assert front.page.locator(".attnctl-heatmap-zoom").count() == 0
 
-    # per-step maps: a step slider, one row of word maps per kept step
+    # per-step maps: a step slider labelled with sampler steps, one row of word maps per kept step
     front.page.evaluate("""() => {
         const g = window.app.graph;
         g.nodes.find(n => n.type === 'AttnCtl_CaptureAttention').widgets.find(w => w.name === 'keep_per_step').value = true;
         g.nodes.find(n => n.type === 'AttnCtl_AttentionHeatmap').widgets.find(w => w.name === 'per_step').value = true;
     }""")
     entry = queue(front)
-    saved = [img for out in entry["outputs"].values() for img in out.get("images", [])
-             if "heatmaps" in img["filename"]]
+    hm_id = front.page.evaluate("() => String(window.app.graph.nodes.find(n => n.type === 'AttnCtl_AttentionHeatmap').id)")
+    saved = entry["outputs"][hm_id]["attnctl_images"]
     frames = len(saved) // len(words)
-    assert frames > 1 and len(saved) == frames * len(words), saved
+    assert frames == STEPS and len(saved) == frames * len(words), saved
     slider = front.page.locator("input.attnctl-heatmap-step")
     slider.wait_for(state="visible", timeout=30_000)
     assert int(slider.get_attribute("max")) == frames - 1
+    label = lambda: front.page.locator(".attnctl-heatmap-viewer span").first.inner_text()
+    assert label() == "sampler step 1", label()
     srcs = lambda: front.page.evaluate("() => [...document.querySelectorAll('.attnctl-heatmap-grid img')].map(i => i.src)")
     first = srcs()
     assert len(first) == len(words), first
     slider.fill(str(frames - 1))                      # sets the value and fires input
     last = srcs()
     assert len(last) == len(words) and not set(first) & set(last), (first, last)
+    assert label() == f"sampler step {STEPS}", label()
     front.page.wait_for_timeout(300)
     front.shot("06_heatmap_steps")
 

@@ -10,9 +10,10 @@
 //    change tracker; the editor re-reads that widget (lines or JSON) whenever the text changes or a
 //    workflow is loaded. Phrases the linked node's prompt lacks are marked before queueing; arrows nudge
 //    by latent cells, Ctrl+D duplicates, [ ] change the z-order, boxes snap to latent cells.
-// 2. An attention-map viewer on AttnCtl_AttentionHeatmap: after a run, the heat maps that reached a
-//    Save/Preview node from its `heatmaps` output are shown as a grid labelled with the captured words,
-//    with a step slider when per_step is on.
+// 2. An attention-map viewer on AttnCtl_AttentionHeatmap: after a run, the node's own heat-map previews
+//    (no Save or Preview node needed; UNet and DiT maps alike) are shown as a grid labelled with the
+//    captured words, with a step slider labelled by sampler step when per_step is on; click a map to
+//    enlarge it, hover to rank the words at that pixel (from the node's 0-255 map data).
 import { app } from "../../../scripts/app.js";
 import { api } from "../../../scripts/api.js";
 
@@ -751,21 +752,54 @@ class HeatmapViewer {
     grid.className = "attnctl-heatmap-grid";
     Object.assign(grid.style, { display: "grid", gap: "3px" });
     const hint = document.createElement("div");
-    hint.textContent = "heat maps appear here after a run (connect `heatmaps` to a Save or Preview Image node)";
+    hint.textContent = "heat maps appear here after a run; click one to enlarge it, hover to rank the words";
     hint.style.color = "#888";
-    root.append(bar, grid, hint);
+    const rankBox = document.createElement("div");
+    rankBox.className = "attnctl-heatmap-rank";
+    Object.assign(rankBox.style, { whiteSpace: "pre", color: "#bbb", minHeight: "1em" });
+    root.append(bar, grid, rankBox, hint);
     for (const type of ["pointerdown", "mousedown"]) slider.addEventListener(type, (ev) => ev.stopPropagation());
     slider.addEventListener("input", () => this.render());
-    Object.assign(this, { root, bar, slider, label, grid, hint });
+    Object.assign(this, { root, bar, slider, label, grid, hint, rankBox });
   }
 
-  show(images) {
+  /** images: the heat maps (the node's own previews, or a downstream Save / Preview node's); data: the
+   *  node's `attnctl_maps` (words, sampler steps of per-step rows, 0-255 maps for the hover ranking). */
+  show(images, data) {
     this.images = images || [];
+    if (data) this.data = data;
     this.render();
   }
 
+  /** The words at fraction (fx, fy) of item `item`'s maps, highest attention first, as 'word 0.87' lines. */
+  rank(item, fx, fy) {
+    const d = this.data;
+    if (!d || !d.words?.length) return "";
+    const x = Math.min(d.w - 1, Math.floor(fx * d.w)), y = Math.min(d.h - 1, Math.floor(fy * d.h));
+    const W = d.words.length;
+    return d.words.map((word, k) => [word, d.values[((item * W + k) * d.h + y) * d.w + x] / 255])
+      .sort((a, b) => b[1] - a[1]).map(([word, v]) => `${word} ${v.toFixed(2)}`).join("\n");
+  }
+
+  zoom(src, caption) {
+    const over = document.createElement("div");
+    over.className = "attnctl-heatmap-zoom";
+    Object.assign(over.style, { position: "fixed", inset: "0", background: "rgba(0,0,0,0.85)", zIndex: "10000",
+                                display: "flex", flexDirection: "column", alignItems: "center", justifyContent: "center",
+                                color: "#ddd", fontFamily: "sans-serif", cursor: "zoom-out" });
+    const big = document.createElement("img");
+    big.src = src;
+    Object.assign(big.style, { maxWidth: "90vw", maxHeight: "85vh", imageRendering: "pixelated" });
+    const cap = document.createElement("div");
+    cap.textContent = caption;
+    cap.style.marginTop = "8px";
+    over.append(big, cap);
+    over.addEventListener("click", () => over.remove());
+    document.body.appendChild(over);
+  }
+
   render() {
-    const words = capturedWords(this.node);
+    const words = this.data?.words?.length ? this.data.words : capturedWords(this.node);
     const n = this.images.length;
     this.grid.replaceChildren();
     this.hint.style.display = n ? "none" : "block";
@@ -778,7 +812,11 @@ class HeatmapViewer {
       this.bar.style.display = "flex";
       this.slider.max = String(rows - 1);
       const s = Math.min(rows - 1, Number(this.slider.value) || 0);
-      this.label.textContent = `step map ${s + 1} / ${rows}`;
+      const items = Math.max(1, this.data?.items || 1);
+      const steps = this.data?.steps || [];
+      const step = steps[Math.floor(s / items)];
+      this.label.textContent = step ? `sampler step ${step}` + (items > 1 ? `, image ${(s % items) + 1}` : "")
+                                    : `step map ${s + 1} / ${rows}`;
       first = s;
       count = 1;
     } else {
@@ -797,7 +835,18 @@ class HeatmapViewer {
         const el = document.createElement("img");
         if (img) el.src = imageUrl(img);
         el.alt = words[c] || "";
-        Object.assign(el.style, { width: "100%", aspectRatio: "1", objectFit: "contain", background: "#111" });
+        Object.assign(el.style, { width: "100%", aspectRatio: "1", objectFit: "contain", background: "#111",
+                                  cursor: "zoom-in" });
+        const item = r % Math.max(1, this.data?.items || 1);
+        const caption = `${words[c] || `map ${c + 1}`}${this.label.textContent && perStep ? ` (${this.label.textContent})` : ""}`;
+        el.addEventListener("pointerdown", (ev) => ev.stopPropagation());
+        el.addEventListener("click", (ev) => { ev.stopPropagation(); this.zoom(el.src, caption); });
+        el.addEventListener("mousemove", (ev) => {
+          const b = el.getBoundingClientRect();
+          const text = this.rank(item, (ev.clientX - b.left) / Math.max(1, b.width), (ev.clientY - b.top) / Math.max(1, b.height));
+          el.title = text;
+          this.rankBox.textContent = text ? `at this pixel:\n${text}` : "";
+        });
         this.grid.appendChild(el);
       }
     }
@@ -817,10 +866,16 @@ function attachHeatmapViewer(node) {
 
 function onExecuted(ev) {
   const { node: id, output } = ev.detail || {};
-  const images = output?.images;
-  if (!images?.length || !app.graph) return;
+  if (!app.graph || !output) return;
   for (const node of app.graph.nodes || []) {
-    if (node.attnctlHeatmapViewer && heatmapTargets(node).includes(String(id))) node.attnctlHeatmapViewer.show(images);
+    const viewer = node.attnctlHeatmapViewer;
+    if (!viewer) continue;
+    // the heat-map node's own previews and map data (no Save / Preview node needed), or a downstream one's images
+    if (String(node.id) === String(id) && output.attnctl_images?.length) {
+      viewer.show(output.attnctl_images, output.attnctl_maps?.[0]);
+    } else if (output.images?.length && heatmapTargets(node).includes(String(id)) && !viewer.data) {
+      viewer.show(output.images);
+    }
   }
 }
 
