@@ -36,6 +36,9 @@ class Boxes(io.ComfyNode):
                              tooltip="Image width in pixels (pixel units and the editor's canvas)."),
                 io.Int.Input("height", default=512, min=8, max=16384, step=8,
                              tooltip="Image height in pixels (pixel units and the editor's canvas)."),
+                io.Image.Input("image", optional=True,
+                               tooltip="An image to draw the boxes on (the editor shows it under them); when "
+                                       "connected, pixel units are pixels of this image."),
             ],
             outputs=[BoxesType.Output(display_name="boxes")],
         )
@@ -48,8 +51,10 @@ class Boxes(io.ComfyNode):
         return validation_result(cls, locals(), extra)
 
     @classmethod
-    def execute(cls, boxes, units, width, height):
+    def execute(cls, boxes, units, width, height, image=None):
         check_widgets(cls, locals())
+        if image is not None:
+            height, width = int(image.shape[1]), int(image.shape[2])
         return io.NodeOutput(parse_boxes(boxes, units, width, height))
 
 

@@ -205,8 +205,13 @@ def test_box_editor_draw_queue_and_reload(server, front):
     new = boxes[1]
     assert new["phrase"] and near(new["box"], [0.55, 0.6, 0.95, 0.95]), new
     assert all(round(v, 3) == v for v in new["box"]), f"fractions must be rounded to 3 decimals: {new}"
-    # snapped to latent cells (256 px / 8 = 32 cells a side)
-    assert all(abs(v * 32 - round(v * 32)) < 0.02 for v in new["box"]), f"not on the latent grid: {new}"
+    # the canvas follows the workflow's Empty Latent Image (SIZE x SIZE), and boxes snap to its latent cells
+    assert front.page.evaluate("() => { const n = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes');"
+                               " return [n.widgets.find(w => w.name === 'width').value,"
+                               " n.widgets.find(w => w.name === 'height').value]; }") == [SIZE, SIZE]
+    cells = SIZE / 8
+    assert all(abs(v * cells - round(v * cells)) < 0.02 for v in new["box"]), f"not on the latent grid: {new}"
+    front.page.locator("input.attnctl-box-snap").uncheck()           # free placement for the checks below
 
     # name it: double-click the box, type the phrase
     front.page.mouse.dblclick(*front.at(0.75, 0.8))
@@ -256,6 +261,10 @@ def test_box_editor_draw_queue_and_reload(server, front):
     images = server.output_images(entry)
     assert images and all(os.path.getsize(p) > 0 for p in images), entry.get("outputs")
     front.page.wait_for_timeout(1000)                # the SaveImage preview
+    # the sampled image is now drawn under the boxes
+    assert front.page.evaluate("() => { const e = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes')"
+                               ".attnctlBoxEditor; return !!(e.bgImg && e.bgImg.naturalWidth > 0); }"), \
+        "the editor does not show the sampled image"
     front.shot("03_ran")
 
     # the saved workflow holds the value in the node's widgets_values (and nothing for the editor)
@@ -288,7 +297,7 @@ def test_box_editor_draw_queue_and_reload(server, front):
 
 def test_box_editor_undo_keys_and_prompt_check(server, front):
     """Each edit is one undo step of the front end (Ctrl+Z / Ctrl+Y); Delete in the editor never deletes the
-    node; arrows nudge one latent cell, Ctrl+D duplicates, ] brings a box forward; a phrase that the linked
+    node; arrows nudge one latent cell (8 px of the SIZE-pixel canvas), Ctrl+D duplicates, ] brings a box forward; a phrase that the linked
     Layout Guidance prompt lacks is marked before queueing, and the prompt's phrases are offered."""
     front.open()
     front.load(browser_workflow(server))
@@ -322,7 +331,8 @@ def test_box_editor_undo_keys_and_prompt_check(server, front):
     front.page.keyboard.press("ArrowRight")
     front.page.keyboard.press("Shift+ArrowDown")
     nudged = front.value()[1]["box"]
-    assert abs(nudged[0] - before[0] - 8 / 256) < 2e-3 and abs(nudged[1] - min(before[1] + 64 / 256, 1 - (before[3] - before[1])) ) < 2e-3, (before, nudged)
+    assert abs(nudged[0] - before[0] - 8 / SIZE) < 2e-3, (before, nudged)
+    assert abs(nudged[1] - min(before[1] + 64 / SIZE, 1 - (before[3] - before[1]))) < 2e-3, (before, nudged)
     # duplicate it (the copy goes right after it), then send the copy back one place in the z-order
     front.page.keyboard.press("Control+d")
     three = front.value()
@@ -344,6 +354,32 @@ def test_box_editor_undo_keys_and_prompt_check(server, front):
     assert not [e for e in front.errors if "attention_control" in e], front.errors
 
 
+def test_box_editor_draws_a_connected_image_and_takes_its_size(server, front):
+    """A LoadImage connected to the Boxes' optional image: the editor draws that file under the boxes and its
+    width / height become the image's (the shipped 256 x 256 example image)."""
+    front.open()
+    front.load(browser_workflow(server))
+    front.page.evaluate("""() => {
+        const g = window.app.graph;
+        const b = g.nodes.find(n => n.type === 'AttnCtl_Boxes');
+        const li = window.LiteGraph.createNode('LoadImage');
+        li.pos = [b.pos[0] - 400, b.pos[1]];
+        g.add(li);
+        li.widgets.find(w => w.name === 'image').value = 'attnctl_shapes_example.png';
+        li.connect(0, b, b.inputs.findIndex(i => i.name === 'image'));
+        b.attnctlBoxEditor.draw();
+    }""")
+    front.page.wait_for_function("() => { const e = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes')"
+                                 ".attnctlBoxEditor; return !!(e.bgImg && e.bgImg.naturalWidth > 0); }", timeout=20_000)
+    info = front.page.evaluate("() => { const n = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes');"
+                               " return [n.attnctlBoxEditor.bgUrl, n.widgets.find(w => w.name === 'width').value,"
+                               " n.widgets.find(w => w.name === 'height').value]; }")
+    assert "attnctl_shapes_example.png" in info[0] and "type=input" in info[0], info
+    assert info[1:] == [256, 256], info
+    front.canvas()
+    front.shot("08_editor_background")
+
+
 def test_editor_reads_line_form_and_pixel_units(server, front):
     """Typing the line form into the text widget updates the editor; in pixel units it writes pixels."""
     front.open()
@@ -355,7 +391,8 @@ def test_editor_reads_line_form_and_pixel_units(server, front):
     boxes = front.boxes_node()[2]
     assert [b["phrase"] for b in boxes] == ["blue square", "red circle"], boxes
     assert near(boxes[0]["box"], [0.25, 0.25, 0.75, 0.5], 1e-6) and near(boxes[1]["box"], [0, 0.5, 0.5, 1], 1e-6)
-    # switch to pixels (256 x 256): the boxes stay where they are, the text is rewritten in pixels
+    # switch to pixels (SIZE x SIZE, from the Empty Latent Image): the boxes stay where they are, the text is
+    # rewritten in pixels
     front.page.evaluate("""() => {
         const n = window.app.graph.nodes.find(n => n.type === 'AttnCtl_Boxes');
         const u = n.widgets.find(w => w.name === 'units');
@@ -363,12 +400,13 @@ def test_editor_reads_line_form_and_pixel_units(server, front):
         u.callback && u.callback('pixels');
     }""")
     px = front.value()
-    assert px == [{"phrase": "blue square", "box": [64, 64, 192, 128]},
-                  {"phrase": "red circle", "box": [0, 128, 128, 256]}], px
+    q = SIZE // 4
+    assert px == [{"phrase": "blue square", "box": [q, q, 3 * q, 2 * q]},
+                  {"phrase": "red circle", "box": [0, 2 * q, 2 * q, 4 * q]}], px
     # a drag in pixel units writes pixels
     front.drag((0.55, 0.55), (0.95, 0.95))
     last = front.value()[-1]["box"]
-    assert all(isinstance(v, int) for v in last) and near([v / 256 for v in last], [0.55, 0.55, 0.95, 0.95]), last
+    assert all(isinstance(v, int) for v in last) and near([v / SIZE for v in last], [0.55, 0.55, 0.95, 0.95]), last
 
 
 def queue(front) -> dict:

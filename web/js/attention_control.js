@@ -122,6 +122,19 @@ function promptPhrases(prompts) {
 }
 
 const LATENT_CELL = 8;     // image pixels per latent cell: the snap grid
+let lastSampled = null;    // the last image a Save / Preview node of the workflow received (the editors' background)
+const LATENT_NODES = ["EmptyLatentImage", "EmptySD3LatentImage", "EmptyHunyuanLatentVideo", "EmptyFlux2LatentImage",
+                      "EmptyHunyuanImageLatent", "EmptyChromaRadianceLatentImage", "EmptyQwenImageLayeredLatentImage"];
+
+/** The width / height of the workflow's empty latent node (the image size the boxes are drawn for), or null. */
+function latentSize(graph) {
+  for (const n of graph?.nodes || []) {
+    if (!LATENT_NODES.includes(n.type)) continue;
+    const w = Number(widgetByName(n, "width")?.value), h = Number(widgetByName(n, "height")?.value);
+    if (w > 0 && h > 0) return [w, h];
+  }
+  return null;
+}
 
 // ------------------------------------------------------------------------------------ box editor
 class BoxEditor {
@@ -244,6 +257,60 @@ class BoxEditor {
     }
     this.syncBar();
     this.draw();
+  }
+
+  /** The image under the boxes: the connected IMAGE's source (LoadImage's file or its node's last preview),
+   *  else the workflow's last sampled image; null until one has loaded. Without a connected image the
+   *  width / height widgets follow the workflow's empty latent node. */
+  background() {
+    const slot = (this.node.inputs || []).findIndex((i) => i.name === "image");
+    const src = slot >= 0 && this.node.inputs[slot].link != null ? this.node.getInputNode?.(slot) : null;
+    let info = null;
+    if (src) {
+      const shown = app.nodeOutputs?.[String(src.id)]?.images;
+      const file = widgetByName(src, "image")?.value;
+      if (shown?.length) info = shown[0];
+      else if (src.type === "LoadImage" && typeof file === "string" && file) {
+        const at = file.lastIndexOf("/");
+        info = { filename: file.slice(at + 1), subfolder: at >= 0 ? file.slice(0, at) : "", type: "input" };
+      }
+    } else {
+      this.followLatent();
+      info = lastSampled;
+    }
+    const url = info ? imageUrl(info) : null;
+    if (url !== this.bgUrl) {
+      this.bgUrl = url;
+      this.bgImg = null;
+      if (url) {
+        const im = new Image();
+        im.onload = () => { if (this.bgUrl === url) { this.bgImg = im; this.followImage(im); this.draw(); } };
+        im.src = url;
+      }
+    }
+    return this.bgImg;
+  }
+
+  setSize(w, h) {
+    let changed = false;
+    for (const [name, v] of [["width", w], ["height", h]]) {
+      const wd = widgetByName(this.node, name);
+      if (wd && Number(wd.value) !== v) { wd.value = v; changed = true; }
+    }
+    if (changed) {
+      this.load(true);
+      this.node.setDirtyCanvas?.(true, true);
+    }
+  }
+
+  followLatent() {
+    const size = latentSize(this.node.graph);
+    if (size) this.setSize(size[0], size[1]);
+  }
+
+  followImage(im) {
+    const slot = (this.node.inputs || []).findIndex((i) => i.name === "image");
+    if (slot >= 0 && this.node.inputs[slot].link != null && im.naturalWidth > 0) this.setSize(im.naturalWidth, im.naturalHeight);
   }
 
   /** A fraction snapped to the latent grid on one axis (when snapping is on). */
@@ -575,6 +642,12 @@ class BoxEditor {
     const W = L.w, H = L.h;
     g.fillStyle = "#1b1b1b";
     g.fillRect(0, 0, W, H);
+    const bg = this.background();
+    if (bg) {
+      g.globalAlpha = 0.75;
+      g.drawImage(bg, 0, 0, W, H);
+      g.globalAlpha = 1;
+    }
     g.strokeStyle = "#2e2e2e";
     g.lineWidth = 1;
     for (let k = 1; k < 4; k++) {
@@ -867,6 +940,11 @@ function attachHeatmapViewer(node) {
 function onExecuted(ev) {
   const { node: id, output } = ev.detail || {};
   if (!app.graph || !output) return;
+  const sender = app.graph.getNodeById?.(Number(id)) ?? app.graph.getNodeById?.(id);
+  if (output.images?.length && sender && /^(SaveImage|PreviewImage)$/.test(sender.type)) {
+    lastSampled = output.images[0];
+    for (const n of app.graph.nodes || []) n.attnctlBoxEditor?.draw();
+  }
   for (const node of app.graph.nodes || []) {
     const viewer = node.attnctlHeatmapViewer;
     if (!viewer) continue;
