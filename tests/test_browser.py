@@ -420,12 +420,13 @@ def queue(front) -> dict:
     return entry
 
 
-def test_heatmap_viewer_shows_a_grid_labelled_with_the_words(server, front):
+@pytest.mark.parametrize("example", ["capture_attention", "capture_attention_dit"])
+def test_heatmap_viewer_shows_a_grid_labelled_with_the_words(server, front, example):
     """The viewer needs no Save / Preview node downstream (the heat-map node's own previews), labels the maps
     with the words, enlarges a map on click, ranks the words at the hovered pixel, and labels per-step rows
-    with their sampler steps."""
+    with their sampler steps; the same on UNet and DiT (joint-attention) maps."""
     front.open()
-    front.load(browser_workflow(server, os.path.join(EXAMPLES, "capture_attention.json")))
+    front.load(browser_workflow(server, os.path.join(EXAMPLES, f"{example}.json")))
     # no Save Image after the heat maps
     front.page.evaluate("""() => {
         const g = window.app.graph;
@@ -458,12 +459,12 @@ def test_heatmap_viewer_shows_a_grid_labelled_with_the_words(server, front):
     assert ranked[0] == "at this pixel:" and sorted(r.rsplit(" ", 1)[0] for r in ranked[1:]) == sorted(words), ranked
     vals = [float(r.rsplit(" ", 1)[1]) for r in ranked[1:]]
     assert vals == sorted(vals, reverse=True) and all(0 <= v <= 1 for v in vals), ranked
-    front.shot("05_heatmap_viewer")
+    front.shot(f"05_heatmap_viewer_{example}")
     # click: the map enlarged over the page, a click closes it
     img.click()
     zoom = front.page.locator(".attnctl-heatmap-zoom")
     assert zoom.count() == 1 and words[0] in zoom.inner_text()
-    front.shot("05b_heatmap_zoom")
+    front.shot(f"05b_heatmap_zoom_{example}")
     zoom.click()
     assert front.page.locator(".attnctl-heatmap-zoom").count() == 0
 
@@ -491,7 +492,7 @@ def test_heatmap_viewer_shows_a_grid_labelled_with_the_words(server, front):
     assert len(last) == len(words) and not set(first) & set(last), (first, last)
     assert label() == f"sampler step {STEPS}", label()
     front.page.wait_for_timeout(300)
-    front.shot("06_heatmap_steps")
+    front.shot(f"06_heatmap_steps_{example}")
 
 
 @pytest.mark.parametrize("name", sorted(f[:-5] for f in os.listdir(EXAMPLES) if f.endswith(".json")))
