@@ -137,6 +137,17 @@ function latentSize(graph) {
 }
 
 // ------------------------------------------------------------------------------------ box editor
+/** A one-line text input of the editor's bar. */
+function textField(className, placeholder) {
+  const el = document.createElement("input");
+  el.type = "text";
+  el.className = className;
+  el.placeholder = placeholder;
+  Object.assign(el.style, { flex: "1 1 auto", minWidth: "40px", background: "#222", color: "#ddd",
+                            border: "1px solid #555", borderRadius: "3px", padding: "1px 4px" });
+  return el;
+}
+
 class BoxEditor {
   constructor(node) {
     this.node = node;
@@ -163,12 +174,7 @@ class BoxEditor {
 
     const bar = document.createElement("div");
     Object.assign(bar.style, { display: "flex", gap: "4px", alignItems: "center", flex: "0 0 auto" });
-    const phrase = document.createElement("input");
-    phrase.type = "text";
-    phrase.className = "attnctl-box-phrase";
-    phrase.placeholder = "select a box, type its phrase";
-    Object.assign(phrase.style, { flex: "1 1 auto", minWidth: "40px", background: "#222", color: "#ddd",
-                                  border: "1px solid #555", borderRadius: "3px", padding: "1px 4px" });
+    const phrase = textField("attnctl-box-phrase", "select a box, type its phrase");
     const del = document.createElement("button");
     del.className = "attnctl-box-delete";
     del.textContent = "delete";
@@ -185,13 +191,8 @@ class BoxEditor {
     phrase.setAttribute("list", list.id);
     const bar2 = document.createElement("div");
     Object.assign(bar2.style, { display: "flex", gap: "4px", alignItems: "center", flex: "0 0 auto" });
-    const coords = document.createElement("input");
-    coords.type = "text";
-    coords.className = "attnctl-box-coords";
-    coords.placeholder = "x0,y0,x1,y1";
+    const coords = textField("attnctl-box-coords", "x0,y0,x1,y1");
     coords.title = "The selected box's corners in the node's units; Enter applies";
-    Object.assign(coords.style, { flex: "1 1 auto", minWidth: "40px", background: "#222", color: "#ddd",
-                                  border: "1px solid #555", borderRadius: "3px", padding: "1px 4px" });
     const snapLabel = document.createElement("label");
     Object.assign(snapLabel.style, { flex: "0 0 auto", color: "#999", whiteSpace: "nowrap" });
     const snapBox = document.createElement("input");
