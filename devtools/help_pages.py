@@ -1,6 +1,7 @@
 """Keeps the generated block of each help page (web/docs/<NodeId>.md) in step: a picture from the demo
 (the thumbnail of the example workflow that shows the node, copied to web/docs/images/ where the front
-end serves it beside the page) and the node's search aliases (nodes/aliases.py).
+end serves it beside the page) and the node's search aliases (nodes/aliases.py), which it also writes to
+web/js/aliases.json for the front end's Attention Control sidebar tab (web/js/node_finder.js).
 
     python -m devtools.help_pages          # rewrite the blocks and copy the pictures
     python -m devtools.help_pages --check  # exit 1 if a page or a picture is out of date
@@ -18,6 +19,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DOCS = os.path.join(REPO, "web", "docs")
 IMAGES = os.path.join(DOCS, "images")
 EXAMPLES = os.path.join(REPO, "example_workflows")
+ALIASES_JSON = os.path.join(REPO, "web", "js", "aliases.json")
 BEGIN, END = "<!-- generated: devtools/help_pages.py -->", "<!-- /generated -->"
 
 # the example that shows a node best, where it appears in several
@@ -61,8 +63,8 @@ def block(node_id: str, example: str | None, aliases: list[str]) -> str:
         lines += [f"![The demo output of the example workflow {example}](images/{example}.jpg)", "",
                   f"*From the example workflow `{example}` (example_workflows/{example}.json, `make demo`).*", ""]
     if aliases:
-        lines += ["Search words (a ComfyUI whose node search reads aliases finds the node by these): "
-                  + ", ".join(aliases) + "."]
+        lines += ["Search words (type them in the Attention Control sidebar tab; a ComfyUI whose node search reads "
+                  "aliases finds the node by them too): " + ", ".join(aliases) + "."]
     lines.append(END)
     return "\n".join(lines) + "\n"
 
@@ -111,6 +113,12 @@ def main(argv=None) -> int:
             stale.append(f"images/{f} (no page shows it)")
             if not a.check:
                 os.remove(os.path.join(IMAGES, f))
+    text = json.dumps(aliases, indent=1, sort_keys=True) + "\n"
+    if not os.path.exists(ALIASES_JSON) or open(ALIASES_JSON).read() != text:
+        stale.append("web/js/aliases.json")
+        if not a.check:
+            with open(ALIASES_JSON, "w") as fh:
+                fh.write(text)
     if stale:
         sys.stdout.write(("out of date: " if a.check else "updated: ") + ", ".join(stale) + "\n")
     return 1 if (a.check and stale) else 0

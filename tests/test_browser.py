@@ -532,3 +532,52 @@ def test_example_workflow_loads_in_the_front_end(server, front, name):
         if r[1] != "Note":
             assert any(g[1] <= r[2] and r[2] + r[4] <= g[1] + g[3] and g[2] <= r[3] and r[3] + r[5] <= g[2] + g[4]
                        for g in groups), f"{name}: {r[1]} is in no group"
+
+
+def test_sidebar_finder_finds_every_node_by_each_alias_and_adds_it(server, front):
+    """The Attention Control sidebar tab (web/js/node_finder.js): each node of the pack is listed for each of
+    its search aliases (nodes/aliases.py, the words of issue 22), typed into the tab's search field; an unknown
+    word lists none and says so; Enter adds the first result to the canvas, a click adds the one clicked."""
+    from devtools.help_pages import _aliases
+    aliases = _aliases()
+    front.open()
+    front.page.locator(".attnctl-find-tab-button").first.click()
+    field = front.page.locator(".attnctl-find-input")
+    field.wait_for(timeout=20_000)
+    front.page.wait_for_function("() => document.querySelectorAll('.attnctl-find-item').length > 0", timeout=20_000)
+    listed = front.page.evaluate("() => [...document.querySelectorAll('.attnctl-find-item')].map(e => e.dataset.type)")
+    assert set(listed) == set(aliases), set(listed) ^ set(aliases)
+    missed = []
+    for node, words in aliases.items():
+        for word in words:
+            field.fill(word)
+            found = front.page.evaluate("() => [...document.querySelectorAll('.attnctl-find-item')]"
+                                        ".map(e => e.dataset.type)")
+            if node not in found:
+                missed.append((node, word, found[:5]))
+            else:
+                assert len(found) < len(aliases), f"{word!r} lists every node: it selects nothing"
+    assert not missed, f"aliases that do not find their node in the sidebar tab: {missed}"
+    # the words the issue names, each with the node users mean first
+    for word, node in (("p2p", "AttnCtl_PromptToPrompt"), ("panorama", "AttnCtl_TiledDiffusion"),
+                       ("daam", "AttnCtl_CaptureAttention"), ("masactrl", "AttnCtl_MasaCtrl"),
+                       ("collage", "AttnCtl_CollageLayer")):
+        field.fill(word)
+        first = front.page.locator(".attnctl-find-item").first.get_attribute("data-type")
+        assert first in {n for n, w in aliases.items() if word in w} and node in front.page.evaluate(
+            "() => [...document.querySelectorAll('.attnctl-find-item')].map(e => e.dataset.type)"), (word, first)
+    field.fill("zzqx no such technique")
+    assert front.page.locator(".attnctl-find-item").count() == 0
+    assert "No Attention Control node" in front.page.locator(".attnctl-find-none").inner_text()
+    before = front.page.evaluate("() => window.app.graph.nodes.map(n => n.type)")
+    field.fill("word swap")
+    field.press("Enter")
+    field.fill("heatmap")
+    front.page.locator(".attnctl-find-item[data-type='AttnCtl_AttentionHeatmap']").click()
+    after = front.page.evaluate("() => window.app.graph.nodes.map(n => n.type)")
+    added = list(after)
+    for t in before:
+        added.remove(t)
+    assert sorted(added) == ["AttnCtl_AttentionHeatmap", "AttnCtl_PromptToPrompt"], added
+    front.shot("07_sidebar_finder")
+    assert not [e for e in front.errors if "attention_control" in e or "node_finder" in e], front.errors
