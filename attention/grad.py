@@ -52,7 +52,20 @@ def _arg(args, kwargs, i, name, default=None):
 
 
 def _copy_if_inference(t):
-    return t.clone() if (t is not None and t.is_inference()) else t
+    return t.detach().clone() if (t is not None and t.is_inference()) else t
+
+
+def _frozen(args, kwargs, slots):
+    """args / kwargs with the tensors at `slots` ((index, name) pairs) detached: a weight loaded under
+    inference mode that still has requires_grad (a plain nn.Parameter) would make autograd track a layer
+    whose input needs no gradient and save the inference tensor for backward."""
+    args = list(args)
+    for i, name in slots:
+        if len(args) > i and torch.is_tensor(args[i]):
+            args[i] = args[i].detach()
+        elif torch.is_tensor(kwargs.get(name)):
+            kwargs[name] = kwargs[name].detach()
+    return args, kwargs
 
 
 class WeightReferences(TorchFunctionMode):
@@ -80,6 +93,8 @@ class WeightReferences(TorchFunctionMode):
             x, w, b = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight"), _arg(args, kwargs, 2, "bias")
             if w.is_inference() and torch.is_grad_enabled() and x.requires_grad:
                 return _LinearRef.apply(x, w, b)
+            if w.is_inference() and torch.is_grad_enabled():
+                args, kwargs = _frozen(args, kwargs, ((1, "weight"), (2, "bias")))
         elif func is F.conv2d or func is F.conv3d:
             x, w = _arg(args, kwargs, 0, "input"), _arg(args, kwargs, 1, "weight")
             padding = _arg(args, kwargs, 4, "padding", 0)
@@ -87,6 +102,8 @@ class WeightReferences(TorchFunctionMode):
                 return _ConvRef.apply(x, w, _arg(args, kwargs, 2, "bias"), _arg(args, kwargs, 3, "stride", 1), padding,
                                       _arg(args, kwargs, 5, "dilation", 1), _arg(args, kwargs, 6, "groups", 1),
                                       2 if func is F.conv2d else 3)
+            if w.is_inference() and torch.is_grad_enabled():
+                args, kwargs = _frozen(args, kwargs, ((1, "weight"), (2, "bias")))
         elif func is getattr(F, "rms_norm", None):
             args = self._norm_input(list(args))     # (input, normalized_shape, weight, eps): DiT norms
             if len(args) > 2:

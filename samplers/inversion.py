@@ -154,10 +154,11 @@ def null_text_sampler(trajectory: Trajectory, cfg: float, iterations: int, lr: f
                     with torch.enable_grad(), WeightReferences():
                         d_u = d_uncond(xi, ts, u.to(xi.dtype))
                         den = d_u + cfg * (d_c - d_u)
-                        x_next = xi + (s_next - s) * (xi - den) / s
+                        # the sigmas are inference tensors (ComfyUI samples under inference mode): floats here
+                        x_next = xi + (float(s_next) - float(s)) * (xi - den) / float(s)
                         loss = torch.nn.functional.mse_loss(x_next, tgt)
-                    losses.append(float(loss))
-                    if float(loss) < 1e-5 + 2e-5 * i:
+                    losses.append(float(loss.detach()))
+                    if losses[-1] < 1e-5 + 2e-5 * i:
                         break
                     opt.zero_grad()
                     loss.backward()

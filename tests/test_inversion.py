@@ -156,3 +156,33 @@ def test_regularised_inversion_node(sd15, image_latent):
     assert len(traj.latents) == 5
     with pytest.raises(AttentionControlError, match="noise_regularisation"):
         DDIMInversion.execute(sd15, pos, image_latent, 4, "normal", float("nan"))
+
+
+def test_null_text_inversion_runs_under_inference_mode_as_in_the_server():
+    """The server loads checkpoints and runs nodes under torch.inference_mode(): the weights are inference
+    tensors that keep requires_grad (plain nn.Parameters), and the sampler's sigmas are inference tensors.
+    The optimisation must still differentiate through the model (w.r.t. the negative only) and give what
+    it gives outside inference mode (regression: 'Inference tensors cannot be saved for backward')."""
+    import numpy as np
+    import ac_shapes as S
+    from attention_control.shapesworld import comfy_glue, data
+    imgs, caps, _ = data.sample_batch(np.random.default_rng(2), 1)
+    args = (4, "normal", 6.0, 3)
+
+    def run():
+        model, clip, _ = comfy_glue.load_shapes_world(S.WEIGHTS)
+        lat = {"samples": comfy_glue.rgb_to_latent(torch.from_numpy(imgs))}
+        pos, neg = S.encode(clip, caps), S.encode(clip, [""])
+        return _res(NullTextInversion.execute(model, pos, neg, lat, *args)), neg
+
+    with torch.inference_mode():
+        (inv, _traj, null_neg), neg = run()
+        assert any(p.is_inference() and p.requires_grad for p in
+                   comfy_glue.load_shapes_world(S.WEIGHTS)[0].model.parameters())
+    (inv_ref, _t, null_ref), _n = run()
+    assert len(null_neg) == 4
+    assert torch.equal(inv["samples"], inv_ref["samples"])
+    moved = [float((a[0] - neg[0][0]).abs().max()) for a in null_neg]
+    assert max(moved) > 0, "the negative was not optimised"
+    for a, b in zip(null_neg, null_ref):
+        assert torch.allclose(a[0], b[0], atol=1e-5, rtol=1e-4)
