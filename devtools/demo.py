@@ -39,7 +39,8 @@ WORKFLOW_DIR = os.path.join(REPO, "example_workflows")
 SHAPES_LOADER = "AttnCtl_ShapesWorldLoader"
 CKPT_LOADER = "CheckpointLoaderSimple"
 # nodes whose steps must agree
-SAMPLER_TYPES = ("KSampler", "KSamplerAdvanced", "AttnCtl_DDIMInversion", "AttnCtl_FlowInversion", "BasicScheduler")
+SAMPLER_TYPES = ("KSampler", "KSamplerAdvanced", "AttnCtl_DDIMInversion", "AttnCtl_NullTextInversion", "AttnCtl_FlowInversion",
+                 "BasicScheduler")
 MODEL_FOLDERS = ("checkpoints", "diffusion_models", "unet", "text_encoders", "clip", "vae", "loras")
 
 

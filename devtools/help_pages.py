@@ -30,7 +30,20 @@ PREFERRED = {
     "AttnCtl_CaptureAttention": "capture_attention", "AttnCtl_AttentionHeatmap": "capture_attention",
     "AttnCtl_SketchGuidance": "sketch_guidance", "AttnCtl_TrainSketchPredictor": "sketch_guidance",
     "AttnCtl_SaveSketchPredictor": "sketch_guidance", "AttnCtl_SegmentWords": "segment_words",
-    "AttnCtl_ShapesWorldDiTLoader": "p2p_dit",
+    "AttnCtl_ShapesWorldDiTLoader": "p2p_dit", "AttnCtl_NullTextInversion": "null_text_edit",
+    "AttnCtl_RFInversionGuidance": "rf_inversion_dit", "AttnCtl_ExpertDenoisers": "expert_denoisers",
+    "AttnCtl_FlowInversion": "real_image_edit_dit", "AttnCtl_ApplySpectralShifts": "svdiff_personalise",
+    "AttnCtl_TrainSpectralShifts": "svdiff_personalise",
+}
+
+# nodes no example shows: the example of the technique they belong to, and what the picture is to them
+RELATED = {
+    "AttnCtl_LoadSpectralShifts": ("svdiff_personalise", "the example that trains and saves the shifts this node loads"),
+    "AttnCtl_LoadAssumptionEdit": ("time_edit", "the example that makes and saves the edit this node loads"),
+    "AttnCtl_LoadEditDirection": ("pix2pix_zero_real", "the example that builds and saves the direction this node loads"),
+    "AttnCtl_LoadSketchPredictor": ("sketch_guidance", "the example that trains and saves the predictor this node loads"),
+    "AttnCtl_CutMixUnmix": ("svdiff_personalise", "the one-subject training that this node extends to two subjects"),
+    "AttnCtl_SharedNoise": ("masactrl", "a MasaCtrl example; with SamplerCustomAdvanced this node gives its batch the one noise"),
 }
 
 
@@ -54,14 +67,18 @@ def examples_by_node() -> dict[str, str]:
         out[node] = pick
     # the demo runs the UNet examples on the shapes-world checkpoint through this loader
     out.setdefault("AttnCtl_ShapesWorldLoader", "capture_attention")
+    for node, (example, _why) in RELATED.items():
+        out.setdefault(node, example)
     return out
 
 
 def block(node_id: str, example: str | None, aliases: list[str]) -> str:
     lines = [BEGIN]
     if example:
+        why = RELATED.get(node_id, (None, ""))[1] if example == RELATED.get(node_id, (None,))[0] else ""
         lines += [f"![The demo output of the example workflow {example}](images/{example}.jpg)", "",
-                  f"*From the example workflow `{example}` (example_workflows/{example}.json, `make demo`).*", ""]
+                  f"*From the example workflow `{example}` (example_workflows/{example}.json, `make demo`)"
+                  + (f": {why}" if why else "") + ".*", ""]
     if aliases:
         lines += ["Search words (type them in the Attention Control sidebar tab; a ComfyUI whose node search reads "
                   "aliases finds the node by them too): " + ", ".join(aliases) + "."]

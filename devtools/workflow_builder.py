@@ -162,6 +162,7 @@ def _size_of(n: dict) -> tuple[int, int]:
     if n["type"].startswith(("Save", "Preview")) or n["type"] == "AttnCtl_AttentionHeatmap":
         h = max(h, 300)                       # room for the image preview
     w = 400 if n["type"].startswith("AttnCtl_") else 320
+    w = max(w, 60 + 8 * len(n.get("title") or ""))   # the front end widens a node to fit its title
     mw, mh = MIN_SIZE.get(n["type"], (0, 0))
     return max(w, mw), max(h, mh)
 
@@ -263,15 +264,15 @@ def ddim_inverted(g, ck, image, caption, widgets):
                  outputs=[("latent", "LATENT"), ("trajectory", "TRAJECTORY")])
 
 
-def replay_and_save(g, ck, name, edit, inv, cfg):
+def replay_and_save(g, ck, name, edit, inv, cfg, negative=None):
     """Replay Source on the edit node's model -> KSamplerAdvanced (add_noise off, the inversion's 20 steps) from
-    its latent with its conditioning -> VAEDecode -> SaveImage."""
+    its latent with its conditioning (or the (node, slot) `negative`) -> VAEDecode -> SaveImage."""
     rep = g.add("AttnCtl_ReplaySource", [], inputs={"model": (edit, 0, "MODEL"), "trajectory": (inv, 1, "TRAJECTORY")},
                 outputs=[("model", "MODEL")])
     ks = g.add("KSamplerAdvanced", ["disable", 0, "fixed", 20, cfg, "euler", "normal", 0, 10000, "disable"],
                inputs={"model": (rep, 0, "MODEL"), "positive": (edit, 1, "CONDITIONING"),
-                       "negative": (edit, 2, "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
-               outputs=[("LATENT", "LATENT")])
+                       "negative": (*(negative or (edit, 2)), "CONDITIONING"), "latent_image": (edit, 3, "LATENT")},
+               outputs=[("LATENT", "LATENT")], title=f"KSamplerAdvanced (add_noise off, 20 steps, cfg {cfg:g})")
     dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
                 outputs=[("IMAGE", "IMAGE")])
     g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
@@ -290,6 +291,71 @@ def inversion_edit(name, image, source, target):
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                           ("latent", "LATENT")])
     return replay_and_save(g, ck, name, edit, inv, cfg=6.0)
+
+
+def null_text_edit(name, image, source, target, cfg=7.5, iterations=10):
+    """A real image edited with Prompt-to-Prompt at a real CFG scale: Null-Text Inversion (the caption, an empty
+    negative optimised per step) -> Prompt-to-Prompt -> Replay Source -> KSamplerAdvanced with the optimised
+    negative (add_noise off, the inversion's steps, scheduler and cfg)."""
+    g = Graph()
+    ck = loader(g)
+    img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title="Real image")
+    enc = g.add("VAEEncode", [], inputs={"pixels": (img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
+                outputs=[("LATENT", "LATENT")])
+    pos = g.add("CLIPTextEncode", [source], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Caption of the image")
+    empty = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")},
+                  outputs=[("CONDITIONING", "CONDITIONING")], title="Negative prompt (empty: the null text)")
+    inv = g.add("AttnCtl_NullTextInversion", [20, "normal", cfg, iterations],
+                inputs={"model": (ck, 0, "MODEL"), "positive": (pos, 0, "CONDITIONING"),
+                        "negative": (empty, 0, "CONDITIONING"), "latent": (enc, 0, "LATENT")},
+                outputs=[("latent", "LATENT"), ("trajectory", "TRAJECTORY"), ("negative", "CONDITIONING")])
+    edit = g.add("AttnCtl_PromptToPrompt",
+                 [source, target, "replace", "", 0.8, "", 0.4, "", "", 0.3, 0.0, ""],
+                 inputs={"model": (ck, 0, "MODEL"), "clip": (ck, 1, "CLIP"), "latent": (inv, 0, "LATENT")},
+                 outputs=P2P_OUTPUTS)
+    return replay_and_save(g, ck, name, edit, inv, cfg=cfg, negative=(inv, 2))
+
+
+def rf_inversion(name, image, source, target, steps=20, cfg=2.5, gamma=0.5, eta=0.9, note=None):
+    """RF-Inversion (Rout et al.) on a rectified-flow DiT, without attention edits: Flow Inversion with the
+    controlled forward pass (gamma) -> RF-Inversion Guidance (eta, the first quarter of the steps) on the plain
+    model -> the target prompt sampled from the inverted noise (SamplerCustomAdvanced, euler)."""
+    g = Graph()
+    if note:
+        g.note(note)
+    ck = dit_loader(g)
+    img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")], title="Real image")
+    enc = g.add("VAEEncode", [], inputs={"pixels": (img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
+                outputs=[("LATENT", "LATENT")])
+    cap = g.add("CLIPTextEncode", [source], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Caption of the image (inversion prompt)")
+    inv = g.add("AttnCtl_FlowInversion", [steps, "simple", gamma, 0, "fixed"],
+                inputs={"model": (ck, 0, "MODEL"), "positive": (cap, 0, "CONDITIONING"), "latent": (enc, 0, "LATENT")},
+                outputs=[("latent", "LATENT"), ("trajectory", "TRAJECTORY"), ("noise", "NOISE")],
+                title=f"Flow Inversion (controlled, gamma {gamma:g})")
+    guided = g.add("AttnCtl_RFInversionGuidance", [eta, 0, max(1, steps // 4)],
+                   inputs={"model": (ck, 0, "MODEL"), "trajectory": (inv, 1, "TRAJECTORY")},
+                   outputs=[("model", "MODEL")], title=f"RF-Inversion Guidance (eta {eta:g}, first quarter)")
+    tgt = g.add("CLIPTextEncode", [target], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Target prompt (the edit)")
+    neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")],
+                title="Negative prompt")
+    guider = g.add("CFGGuider", [cfg], inputs={"model": (guided, 0, "MODEL"), "positive": (tgt, 0, "CONDITIONING"),
+                                               "negative": (neg, 0, "CONDITIONING")},
+                   outputs=[("GUIDER", "GUIDER")], title=f"CFGGuider (cfg {cfg:g})")
+    smp = g.add("KSamplerSelect", ["euler"], outputs=[("SAMPLER", "SAMPLER")])
+    sig = g.add("BasicScheduler", ["simple", steps, 1.0], inputs={"model": (ck, 0, "MODEL")},
+                outputs=[("SIGMAS", "SIGMAS")], title="BasicScheduler (the inversion's steps and scheduler)")
+    ks = g.add("SamplerCustomAdvanced", [],
+               inputs={"noise": (inv, 2, "NOISE"), "guider": (guider, 0, "GUIDER"), "sampler": (smp, 0, "SAMPLER"),
+                       "sigmas": (sig, 0, "SIGMAS"), "latent_image": (inv, 0, "LATENT")},
+               outputs=[("output", "LATENT"), ("denoised_output", "LATENT")],
+               title="SamplerCustomAdvanced (from the inverted noise)")
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}"], inputs={"images": (dec, 0, "IMAGE")})
+    return g
 
 
 def tiled_diffusion(name, prompt="a red circle and a blue square", merge="mixture", wrap=False):
@@ -313,6 +379,11 @@ def paint_with_words(name, prompt, box_text):
                   outputs=[("model", "MODEL"), ("positive", "CONDITIONING")])
     neg = g.add("CLIPTextEncode", [""], inputs={"clip": (ck, 1, "CLIP")}, outputs=[("CONDITIONING", "CONDITIONING")])
     lat = g.add("EmptyLatentImage", [256, 256, 1], outputs=[("LATENT", "LATENT")])
+    # where each phrase is painted: the boxes as ComfyUI masks, saved beside the result
+    mask = g.add("AttnCtl_BoxesToMask", [256, 256, -1, True], inputs={"boxes": (bx, 0, "BOXES")},
+                 outputs=[("mask", "MASK")], title="Boxes to Mask (the painted regions)")
+    img = g.add("MaskToImage", [], inputs={"mask": (mask, 0, "MASK")}, outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}_regions"], inputs={"images": (img, 0, "IMAGE")})
     return sample_and_save(g, name, ck, (paint, 0), (paint, 1), (neg, 0), (lat, 0))
 
 
@@ -537,6 +608,19 @@ def pix2pix_zero_real(name, image, caption, source, target, note):
                          "direction": (d, 0, "ATTNCTL_EDIT_DIRECTION")},
                  outputs=[("model", "MODEL"), ("positive", "CONDITIONING"), ("negative", "CONDITIONING"),
                           ("latent", "LATENT")])
+    # the paper's baseline: the direction added to the caption, no cross-attention guidance
+    cap = g.add("CLIPTextEncode", [caption], inputs={"clip": (ck, 1, "CLIP")},
+                outputs=[("CONDITIONING", "CONDITIONING")], title="Caption (for the direction-only baseline)")
+    moved = g.add("AttnCtl_AddEditDirection", [0.5], inputs={"conditioning": (cap, 0, "CONDITIONING"),
+                                                             "direction": (d, 0, "ATTNCTL_EDIT_DIRECTION")},
+                  outputs=[("conditioning", "CONDITIONING")], title="Add Edit Direction (baseline: no guidance)")
+    ks = g.add("KSamplerAdvanced", ["disable", 0, "fixed", 20, 5.0, "euler", "normal", 0, 10000, "disable"],
+               inputs={"model": (ck, 0, "MODEL"), "positive": (moved, 0, "CONDITIONING"),
+                       "negative": (cap, 0, "CONDITIONING"), "latent_image": (inv, 0, "LATENT")},
+               outputs=[("LATENT", "LATENT")], title="KSamplerAdvanced (direction only)")
+    dec = g.add("VAEDecode", [], inputs={"samples": (ks, 0, "LATENT"), "vae": (ck, 2, "VAE")},
+                outputs=[("IMAGE", "IMAGE")])
+    g.add("SaveImage", [f"AttnCtl/{name}_direction_only"], inputs={"images": (dec, 0, "IMAGE")})
     return replay_and_save(g, ck, name, edit, inv, cfg=5.0)
 
 
@@ -548,6 +632,8 @@ NOTE_P2PZERO = (
     "caption plus the direction, and before every step moves the edit's latent by one gradient step so that its "
     "cross-attention maps stay those of the reference: the edit keeps the image's layout. Replay Source keeps "
     "the reference on the inversion's trajectory; the caption is the negative, as the paper.\n\n"
+    "The third image is the paper's baseline, Add Edit Direction alone (the caption plus the direction, no "
+    "guidance), sampled from the same inverted noise.\n\n"
     "Try: strength 1 for a stronger edit (more of the image changes colour), guidance 0 to see the direction "
     "alone (the layout drifts), other sentences in source/target, or an empty latent (EmptyLatentImage) with "
     "an empty negative and guidance 0.15 for a generated image. On a real SD checkpoint: source 'cat', target "
@@ -571,29 +657,32 @@ def compare_models(g, name, ck, prompt, models, batch, seed, cfg=6.0):
     return g
 
 
-def svdiff(name, images, caption, prompt, note, steps=60, lr=0.02, batch=4):
-    """Train Spectral Shifts on a few images (LoadImage -> ImageBatch chain -> VAEEncode, one caption with a rare
-    token) -> Save Spectral Shifts (a file) and Apply Spectral Shifts (the trained shifts, scale 1) -> the prompt
-    sampled by the plain and the personalised model (same seed); the loss curve by core's Plot Loss Graph."""
-    g = Graph()
-    g.note(note)
-    ck = loader(g)
+def trained_shifts(g, ck, images, caption, steps, lr, batch):
+    """LoadImage -> ImageBatch chain -> VAEEncode, one caption with a rare token -> Train Spectral Shifts."""
     batch_img = None
     for i, image in enumerate(images):
         img = g.add("LoadImage", [image, "image"], outputs=[("IMAGE", "IMAGE"), ("MASK", "MASK")],
                     title=f"Training image {i + 1}")
-        if batch_img is None:
-            batch_img = img
-        else:
-            batch_img = g.add("ImageBatch", [], inputs={"image1": (batch_img, 0, "IMAGE"), "image2": (img, 0, "IMAGE")},
-                              outputs=[("IMAGE", "IMAGE")])
+        batch_img = img if batch_img is None else g.add(
+            "ImageBatch", [], inputs={"image1": (batch_img, 0, "IMAGE"), "image2": (img, 0, "IMAGE")},
+            outputs=[("IMAGE", "IMAGE")])
     enc = g.add("VAEEncode", [], inputs={"pixels": (batch_img, 0, "IMAGE"), "vae": (ck, 2, "VAE")},
                 outputs=[("LATENT", "LATENT")])
     cap = g.add("CLIPTextEncode", [caption], inputs={"clip": (ck, 1, "CLIP")},
                 outputs=[("CONDITIONING", "CONDITIONING")], title="Caption of the training images (rare token)")
-    train = g.add("AttnCtl_TrainSpectralShifts", [steps, lr, batch, 0],
-                  inputs={"model": (ck, 0, "MODEL"), "latents": (enc, 0, "LATENT"), "positive": (cap, 0, "CONDITIONING")},
-                  outputs=[("MODEL", "MODEL"), ("shifts", "ATTNCTL_SPECTRAL_SHIFTS"), ("loss_map", "LOSS_MAP")])
+    return g.add("AttnCtl_TrainSpectralShifts", [steps, lr, batch, 0],
+                 inputs={"model": (ck, 0, "MODEL"), "latents": (enc, 0, "LATENT"), "positive": (cap, 0, "CONDITIONING")},
+                 outputs=[("MODEL", "MODEL"), ("shifts", "ATTNCTL_SPECTRAL_SHIFTS"), ("loss_map", "LOSS_MAP")])
+
+
+def svdiff(name, images, caption, prompt, note, steps=60, lr=0.02, batch=4):
+    """Train Spectral Shifts on a few images -> Save Spectral Shifts (a file) and Apply Spectral Shifts (the
+    trained shifts, scale 1) -> the prompt sampled by the plain and the personalised model (same seed); the loss
+    curve by core's Plot Loss Graph."""
+    g = Graph()
+    g.note(note)
+    ck = loader(g)
+    train = trained_shifts(g, ck, images, caption, steps, lr, batch)
     g.add("AttnCtl_SaveSpectralShifts", [f"spectral_shifts/{name}"],
           inputs={"shifts": (train, 1, "ATTNCTL_SPECTRAL_SHIFTS")})
     g.add("LossGraphNode", [f"AttnCtl/{name}_loss"], inputs={"loss": (train, 2, "LOSS_MAP")})
@@ -601,6 +690,26 @@ def svdiff(name, images, caption, prompt, note, steps=60, lr=0.02, batch=4):
                     inputs={"model": (ck, 0, "MODEL"), "shifts": (train, 1, "ATTNCTL_SPECTRAL_SHIFTS")},
                     outputs=[("MODEL", "MODEL")])
     return compare_models(g, name, ck, prompt, (("plain", (ck, 0)), ("personalised", (applied, 0))), batch=4, seed=0)
+
+
+def expert_denoisers(name, images, caption, prompt, note, switch=0.5, steps=60, lr=0.02, batch=4):
+    """Two experts from one checkpoint (the plain model and a personalised one, SVDiff trained here) -> Expert
+    Denoisers both ways round at `switch` -> the prompt sampled by each expert alone and by both pairs (same
+    seed, one KSampler each)."""
+    g = Graph()
+    g.note(note)
+    ck = loader(g)
+    train = trained_shifts(g, ck, images, caption, steps, lr, batch)
+    pers = g.add("AttnCtl_ApplySpectralShifts", [1.0],
+                 inputs={"model": (ck, 0, "MODEL"), "shifts": (train, 1, "ATTNCTL_SPECTRAL_SHIFTS")},
+                 outputs=[("MODEL", "MODEL")], title="Personalised expert (spectral shifts)")
+    a = g.add("AttnCtl_ExpertDenoisers", [switch], inputs={"model": (ck, 0, "MODEL"), "model_2": (pers, 0, "MODEL")},
+              outputs=[("model", "MODEL")], title=f"Expert Denoisers (plain, then personalised from {switch:g})")
+    b = g.add("AttnCtl_ExpertDenoisers", [switch], inputs={"model": (pers, 0, "MODEL"), "model_2": (ck, 0, "MODEL")},
+              outputs=[("model", "MODEL")], title=f"Expert Denoisers (personalised, then plain from {switch:g})")
+    return compare_models(g, name, ck, prompt, (("plain", (ck, 0)), ("personalised", (pers, 0)),
+                                                 ("plain_then_personalised", (a, 0)),
+                                                 ("personalised_then_plain", (b, 0))), batch=2, seed=0)
 
 
 def sketch_guidance(name, images, sketch, caption, prompt, note, steps=60, lr=0.002, batch=8, load=None, cfg=6.0,
@@ -752,6 +861,36 @@ NOTE_SKETCH_DIT = NOTE_SKETCH.replace("Sketch-guided text-to-image (Voynov et al
                                       "Flux-class model: the values of the image tokens of four blocks, cfg 5).")
 
 # the Note of each example built without one (what the technique does, which inputs to try)
+NOTE_NULL_TEXT = (
+    "Null-text inversion (Mokady et al. 2022): DDIM inversion alone gives the image back only at CFG 1. Null-Text "
+    "Inversion inverts the image, then for each step optimises the empty negative prompt so that sampling at cfg "
+    "7.5 lands on the inversion's trajectory; its per-step negative goes to the sampler. Prompt-to-Prompt swaps "
+    "'red' for 'green' in the caption and Replay Source keeps the source on the trajectory, so the edit keeps "
+    "the rest of the image at a real CFG scale.\n\n"
+    "Measured (help page): the CFG reconstruction error falls from 75 % of the latent's norm (DDIM inversion) to "
+    "33 %. Try: iterations 0 (plain DDIM inversion: the drift comes back), another cfg (sample with the same), "
+    "another target word.")
+
+NOTE_RF_INVERSION = (
+    "RF-Inversion (Rout et al. 2024) edits a real image with a rectified-flow model by a prompt alone, no "
+    "attention edit: Flow Inversion with gamma 0.5 runs the controlled forward ODE (pulled toward one noise), "
+    "RF-Inversion Guidance pulls every prediction of the first quarter of the steps toward the image (eta 0.9), "
+    "and the later steps follow the target prompt.\n\n"
+    "Try: eta between 0.5 and 1 (1 gives the image back), stop_step (later = more of the image), gamma 0 "
+    "(plain inversion), or Prompt-to-Prompt on the same inversion (the example real_image_edit_dit).")
+
+NOTE_EXPERTS = (
+    "Expert denoisers (eDiff-I, Balaji et al. 2022): the noisy first part of the schedule fixes what is drawn "
+    "and the rest refines it, so each part can have its own denoiser (Wan 2.2's high- and low-noise models, "
+    "SDXL's refiner). Expert Denoisers sends the steps before `switch` to `model` and the rest to `model_2` in "
+    "one sampler run. Here both experts come from the one shipped checkpoint: the plain model and a "
+    "personalised copy (SVDiff spectral shifts trained on four green squares captioned 'a sks'). 'a sks' is "
+    "sampled from one seed by each expert alone and by both pairs: the early expert sets the layout (where the "
+    "object is and how large), the late one changes its finish (the personalised expert turns the plain "
+    "model's blob into its green square's colour).\n\n"
+    "Try: switch 0.2 or 0.8, a multistep sampler (dpmpp_2m: its history carries across the switch), on Wan "
+    "2.2 the high-noise model as `model` and the low-noise one as `model_2`.")
+
 NOTES = {
     "capture_attention": (
         "DAAM-style attention maps: Capture Attention Maps patches the MODEL so that sampling records how much the "
@@ -790,6 +929,7 @@ NOTES = {
         "same noise; for the first part of the steps the targets use the source's cross-attention maps, so the "
         "layout stays and only the swapped word changes.\n\nTry: cross_replace (the fraction of steps with the "
         "source's maps), self_replace, other colour or shape words."),
+    "null_text_edit": NOTE_NULL_TEXT,
     "p2p_refine": (
         "Prompt-to-Prompt refine: the target adds words ('and a blue square'); the words both prompts share keep "
         "the source's attention, the new ones attend freely, so the red circle stays and a square appears.\n\n"
@@ -803,8 +943,8 @@ NOTES = {
         "Try: the blend threshold, blending on the shape word only."),
     "paint_with_words": (
         "Paint with words (eDiff-I): each box's phrase gets extra cross-attention inside its box, weighted by "
-        "w' log(1 + sigma) max(QK^T), so the phrase is painted where it was drawn.\n\nTry: the weight, moving the "
-        "boxes, masks instead of boxes (mask_phrases in mask order), the mode."),
+        "w' log(1 + sigma) max(QK^T), so the phrase is painted where it was drawn. Boxes to Mask saves "
+        "the boxes as masks beside the result.\n\nTry: the weight, moving the boxes, masks instead of boxes (mask_phrases in mask order), the mode."),
     "region_prompts": (
         "Region prompts: each box gets its own prompt; in cross-attention every pixel attends to its region's prompt "
         "(attention-couple style, one forward), with a background prompt for the rest.\n\nMeasured on the shapes "
@@ -822,6 +962,14 @@ NOTES = {
 
 
 WORKFLOWS = {
+    "null_text_edit": lambda: null_text_edit("null_text_edit", "attnctl_shapes_example.png",
+                                             "a blue square and a red circle", "a blue square and a green circle"),
+    "rf_inversion_dit": lambda: rf_inversion("rf_inversion_dit", "attnctl_shapes_example.png",
+                                             "a blue square and a red circle", "a blue square and a green circle",
+                                             note=NOTE_RF_INVERSION),
+    "expert_denoisers": lambda: expert_denoisers("expert_denoisers",
+                                                 [f"attnctl_svdiff_sks_{i}.png" for i in range(1, 5)], "a sks",
+                                                 "a sks", NOTE_EXPERTS),
     "pix2pix_zero_real": lambda: pix2pix_zero_real("pix2pix_zero_real", "attnctl_p2pzero_example.png",
                                                    "a red circle and a green square", colour_sentences("red"),
                                                    colour_sentences("blue"), NOTE_P2PZERO),
