@@ -33,7 +33,7 @@ PREFERRED = {
     "AttnCtl_ShapesWorldDiTLoader": "p2p_dit", "AttnCtl_NullTextInversion": "null_text_edit",
     "AttnCtl_RFInversionGuidance": "rf_inversion_dit", "AttnCtl_ExpertDenoisers": "expert_denoisers",
     "AttnCtl_FlowInversion": "real_image_edit_dit", "AttnCtl_ApplySpectralShifts": "svdiff_personalise",
-    "AttnCtl_TrainSpectralShifts": "svdiff_personalise",
+    "AttnCtl_TrainSpectralShifts": "svdiff_personalise", "AttnCtl_TiledDiffusion": "tiled_diffusion",
 }
 
 # nodes no example shows: the example of the technique they belong to, and what the picture is to them
