@@ -42,7 +42,6 @@ RELATED = {
     "AttnCtl_LoadAssumptionEdit": ("time_edit", "the example that makes and saves the edit this node loads"),
     "AttnCtl_LoadEditDirection": ("pix2pix_zero_real", "the example that builds and saves the direction this node loads"),
     "AttnCtl_LoadSketchPredictor": ("sketch_guidance", "the example that trains and saves the predictor this node loads"),
-    "AttnCtl_CutMixUnmix": ("svdiff_personalise", "the one-subject training that this node extends to two subjects"),
     "AttnCtl_SharedNoise": ("masactrl", "a MasaCtrl example; with SamplerCustomAdvanced this node gives its batch the one noise"),
 }
 
